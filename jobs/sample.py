@@ -1,0 +1,21 @@
+"""Sample a grid of guided images from a checkpoint: rows = classes, columns = w.
+
+    python jobs/sample.py --config jobs/configs/fashion_mnist.yaml \
+        sample.checkpoint=outputs/runs/fashion_mnist_demo 'sample.w=[0,1,3]'
+
+sample.checkpoint is a checkpoint directory or a run directory (its newest
+valid checkpoint is used). Writes grid.png and samples.npz.
+"""
+
+from cfgd.cli import fail, parse
+from cfgd.generate import sample_grid
+
+if __name__ == "__main__":
+    cfg = parse(__doc__)
+    if not cfg.sample.checkpoint:
+        fail(ValueError("sample.checkpoint is required: a checkpoint or run directory"))
+    try:
+        paths = sample_grid(cfg.sample)
+    except ValueError as err:
+        fail(err)
+    print(f"grid: {paths['grid']}\nsamples: {paths['samples']}")

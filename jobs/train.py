@@ -1,0 +1,17 @@
+"""Train a class-conditional diffusion model with condition dropout on Ray Train.
+
+    python jobs/train.py --config jobs/configs/fashion_mnist.yaml train.steps=2000
+
+Runs on an embedded local Ray unless train.ray_address is set. Rerunning with the
+same train.run_name resumes from the newest checkpoint.
+"""
+
+from cfgd.cli import fail, parse
+from cfgd.train import fit
+
+if __name__ == "__main__":
+    cfg = parse(__doc__)
+    try:
+        fit(cfg)
+    except ValueError as err:
+        fail(err)

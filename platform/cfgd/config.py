@@ -1,0 +1,199 @@
+"""Typed configuration: the single source of truth for every job.
+
+Dataclasses go through ``OmegaConf.structured`` so that YAML files and
+``key=value`` overrides are checked against them: an unknown key or a value
+of the wrong type fails at once, naming the key. Each component receives only
+its own section.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SCHEDULES = ("linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
+SOURCES = ("fashion_mnist", "idx", "folder", "npz")
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion_mnist"  # one of SOURCES
+    source_path: str = ""  # where the source lives ("" = the source's default)
+    root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read
+    rows_per_shard: int = 10000
+    test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
+    shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of block order
+
+
+@dataclass
+class ModelConfig:
+    size: str = "small"  # a key of cfgd.model.MODEL_SIZES
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "cosine"  # one of SCHEDULES
+    timesteps: int = 1000
+    p_uncond: float = 0.1  # probability that a training label is replaced by the null label
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "fashion_mnist_demo"
+    storage_path: str = "outputs/runs"  # checkpoints go to <storage_path>/<run_name>/
+    ray_address: str = ""  # "" = start an embedded local Ray; "auto" or host:port = join a cluster
+    num_cpus: int = 0  # CPUs of the embedded Ray (0 = all of this machine's)
+    num_workers: int = 2
+    # Fractional CPUs leave room for Ray Data's read tasks: two 1-CPU workers on
+    # a 2-core machine starve them and the fit hangs (shared/docs/ray-notes.md).
+    cpus_per_worker: float = 0.5
+    threads_per_worker: int = 0  # torch intra-op threads (0 = cores / workers)
+    use_gpu: bool = False
+    bf16: bool = True  # bf16 autocast, used only on GPU
+    batch_size: int = 128  # global batch, split evenly across workers
+    lr: float = 2e-4
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    steps: int = 2000
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint)
+    classes: list[int] = field(default_factory=list)  # [] = every class
+    w: Optional[list[float]] = None  # guidance strengths (paper form); default [0, 1, 3]
+    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
+    per_cell: int = 4  # samples per (class, w) cell
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "trailing"  # one of SPACINGS
+    guidance_interval: Optional[list[int]] = None  # [t_lo, t_hi]: guide only there
+    rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023); 0 = off
+    clip_denoised: bool = True
+    use_ema: bool = True
+    batch_size: int = 256  # rows per sampling batch (results do not depend on it)
+    seed: int = 0
+    out: str = ""  # "" = <checkpoint's run dir>/samples
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used."""
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone cannot (choices, ranges). Returns cfg."""
+    _choice("data.source", cfg.data.source, SOURCES)
+    _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
+    _choice("sample.spacing", cfg.sample.spacing, SPACINGS)
+    from cfgd.model import MODEL_SIZES  # the registry owns the valid names
+
+    _choice("model.size", cfg.model.size, tuple(MODEL_SIZES))
+    checks = [
+        ("diffusion.p_uncond", 0.0 <= cfg.diffusion.p_uncond <= 1.0, "in [0, 1]"),
+        ("diffusion.timesteps", cfg.diffusion.timesteps >= 1, ">= 1"),
+        ("train.num_workers", cfg.train.num_workers >= 1, ">= 1"),
+        ("train.cpus_per_worker", cfg.train.cpus_per_worker > 0, "> 0"),
+        ("train.batch_size", cfg.train.batch_size >= cfg.train.num_workers,
+         f">= train.num_workers ({cfg.train.num_workers})"),
+        ("train.steps", cfg.train.steps >= 1, ">= 1"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every >= 1, ">= 1"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1"),
+        ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "in [0, 1)"),
+        ("data.rows_per_shard", cfg.data.rows_per_shard >= 1, ">= 1"),
+        ("sample.steps", 1 <= cfg.sample.steps <= cfg.diffusion.timesteps,
+         f"in [1, diffusion.timesteps={cfg.diffusion.timesteps}]"),
+        ("sample.eta", cfg.sample.eta >= 0.0, ">= 0"),
+        ("sample.per_cell", cfg.sample.per_cell >= 1, ">= 1"),
+        ("sample.batch_size", cfg.sample.batch_size >= 1, ">= 1"),
+    ]
+    for name, ok, valid in checks:
+        if not ok:
+            value = OmegaConf.select(OmegaConf.structured(cfg), name)
+            raise ConfigError(f"{name}={value!r} is not valid; it must be {valid}")
+    if cfg.sample.w is not None and cfg.sample.guidance_scale is not None:
+        raise ConfigError("give sample.w or sample.guidance_scale, not both (guidance_scale = 1 + w)")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated.
+
+    Raises ConfigError naming the key for unknown keys, wrong types and bad values.
+    """
+    base = OmegaConf.structured(Config)
+    try:
+        layers = [base]
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise ConfigError(f"bad config key {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+    return validate(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. stored in a checkpoint or sent to workers)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    return validate(OmegaConf.to_object(merged))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+# Keys whose values are secrets; masked wherever a config is printed or saved.
+_SECRET = re.compile(r"(secret|password|token|credential|access_key)", re.IGNORECASE)
+
+
+def masked(data: Any) -> Any:
+    """A copy of a config dict with secret-looking values replaced by '***'."""
+    if isinstance(data, dict):
+        return {k: ("***" if _SECRET.search(str(k)) and v else masked(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    return data
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(masked(to_dict(cfg))))
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(masked(to_dict(cfg)), indent=2, sort_keys=True)

@@ -1,0 +1,136 @@
+"""Guided samples from a checkpoint: binds a network to the sampler's ``eps_fn`` seam.
+
+Used by ``jobs/sample.py`` (and later by serving and sweeps), so every consumer
+runs the same sampler on the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cfgd.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from cfgd.config import SampleConfig
+from cfgd.diffusion import EpsFn, make_schedule
+from cfgd.guidance import null_label, resolve_w
+from cfgd.sampling import ddim_sample
+
+
+def eps_fn_of(model: torch.nn.Module) -> EpsFn:
+    """The network as the sampler sees it: eps_fn(x_t (B,C,H,W), t (B,), labels (B,)) → ε."""
+    return lambda x, t, y: model(x, t, y)
+
+
+@dataclass
+class Generator:
+    """A loaded checkpoint ready to sample: network (EMA weights by default) + schedule."""
+
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    device: torch.device
+
+    @classmethod
+    def load(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> "Generator":
+        ck = load_checkpoint(resolve_checkpoint(path))
+        return cls(ck, ck.build(ema=use_ema).to(device), torch.device(device))
+
+    @property
+    def num_classes(self) -> int:
+        return self.checkpoint.spec.num_classes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.checkpoint.spec
+        return (s.in_channels, s.image_size, s.image_size)
+
+    def schedule(self):
+        d = self.checkpoint.meta["config"]["diffusion"]
+        return make_schedule(d["schedule"], d["timesteps"])
+
+    def sample(self, labels: Sequence[int], seeds: Sequence[int], w, steps: int = 50, eta: float = 0.0,
+               spacing: str = "trailing", interval=None, rescale: float = 0.0,
+               clip_denoised: bool = True, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Images in [-1, 1], (N, C, H, W) float32 CPU. ``w``: scalar or N values.
+
+        Rows are sampled in chunks of ``batch_size``; each row depends only on its own
+        label, w and seed, so the chunking does not change the result.
+        """
+        labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+        bad = [int(v) for v in labels_t if not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(f"class labels {bad} are outside [0, {self.num_classes})")
+        n = len(labels_t)
+        w_t = resolve_w(w, batch=n)
+        schedule = self.schedule()
+        outs = []
+        for lo in range(0, n, batch_size):
+            hi = min(n, lo + batch_size)
+            outs.append(ddim_sample(
+                eps_fn_of(self.model), schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
+                steps=steps, eta=eta, spacing=spacing, w=w_t[lo:hi], null_label=null_label(self.num_classes),
+                interval=interval, rescale=rescale, clip_denoised=clip_denoised, device=self.device,
+                progress=progress).cpu())
+        return torch.cat(outs)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float (N, C, H, W) → uint8 (N, H, W, C)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, gap: int = 6, per_cell: int = 1) -> Image.Image:
+    """Tile uint8 (rows·cols·per_cell, H, W, C) images, ordered row-major with each cell's
+    ``per_cell`` images side by side; cells separated by ``gap`` pixels."""
+    _, H, W, C = images.shape
+    cell_w = per_cell * (W + pad) - pad
+    canvas = np.full((rows * (H + gap) - gap, cols * (cell_w + gap) - gap, C), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        cell, k = divmod(i, per_cell)
+        r, c = divmod(cell, cols)
+        y, x = r * (H + gap), c * (cell_w + gap) + k * (W + pad)
+        canvas[y:y + H, x:x + W] = img
+    return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
+
+
+def sample_grid(sc: SampleConfig, device: str = "cpu") -> dict[str, str]:
+    """Run ``jobs/sample.py``: a grid of rows = classes, columns = w values.
+
+    Sample j of class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the
+    columns differ only by guidance. Writes ``grid.png`` and ``samples.npz`` (images
+    uint8 NHWC, labels, w, guidance_scale, seeds) and returns their paths.
+    """
+    gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device)
+    classes = list(sc.classes) or list(range(gen.num_classes))
+    if sc.w is None and sc.guidance_scale is None:
+        ws = [0.0, 1.0, 3.0]
+    else:
+        ws = resolve_w(sc.w, sc.guidance_scale).reshape(-1).tolist()
+    labels, w_rows, seeds = [], [], []
+    for c in classes:
+        for w in ws:
+            for j in range(sc.per_cell):
+                labels.append(c)
+                w_rows.append(w)
+                seeds.append(sc.seed + c * sc.per_cell + j)
+    print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
+          f"{len(labels)} samples: classes {classes} × w {ws} × {sc.per_cell}, {sc.steps} DDIM steps, eta {sc.eta}",
+          flush=True)
+    images = gen.sample(labels, seeds, w_rows, steps=sc.steps, eta=sc.eta, spacing=sc.spacing,
+                        interval=sc.guidance_interval, rescale=sc.rescale, clip_denoised=sc.clip_denoised,
+                        batch_size=sc.batch_size, progress=True)
+    u8 = to_uint8(images)
+    out = Path(sc.out) if sc.out else Path(gen.checkpoint.path).parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    grid_path, npz_path = out / "grid.png", out / "samples.npz"
+    make_grid(u8, len(classes), len(ws), per_cell=sc.per_cell).save(grid_path)
+    w_arr = np.asarray(w_rows, dtype=np.float64)
+    np.savez_compressed(npz_path, images=u8, labels=np.asarray(labels, dtype=np.int64), w=w_arr,
+                        guidance_scale=1 + w_arr, seeds=np.asarray(seeds, dtype=np.int64),
+                        label_names=np.asarray(gen.checkpoint.label_names))
+    return {"grid": str(grid_path), "samples": str(npz_path)}

@@ -1,0 +1,189 @@
+"""The UNet denoiser ε_θ(x_t, t, y) and its size registry.
+
+Residual blocks with group norm, a sinusoidal timestep embedding, a class table of
+``num_classes + 1`` rows (the last is the learned null condition ∅) added to the
+timestep embedding, and self-attention at the lowest resolution. The network knows
+nothing of diffusion: it maps (x_t, t, y) to a tensor shaped like x_t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfgd.guidance import null_label
+
+
+@dataclass(frozen=True)
+class UNetSize:
+    channels: int  # width at the top resolution
+    mults: tuple[int, ...]  # width multipliers per resolution level
+    res_blocks: int  # residual blocks per level
+    attn_levels: tuple[int, ...]  # levels (0 = top) with self-attention; -1 = the lowest
+    groups: int = 8  # group-norm groups
+    heads: int = 1
+    dropout: float = 0.0
+
+
+# Named sizes. tiny: unit tests; small: the 2-core CPU demo; base/large: GPU clusters.
+MODEL_SIZES: dict[str, UNetSize] = {
+    "tiny": UNetSize(channels=16, mults=(1, 2), res_blocks=1, attn_levels=(-1,), groups=4),
+    "small": UNetSize(channels=32, mults=(1, 2, 2), res_blocks=1, attn_levels=(-1,)),
+    "base": UNetSize(channels=64, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
+                     heads=4, dropout=0.1),
+    "large": UNetSize(channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
+                      heads=4, dropout=0.1),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network; saved in every checkpoint."""
+
+    size: str
+    image_size: int
+    in_channels: int
+    num_classes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps. t: (B,) → (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, with the (time + class) embedding added in between."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        # Zero-init the last conv so each block starts as the identity (stable early training).
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H·W positions, residual."""
+
+    def __init__(self, ch: int, groups: int, heads: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t, y): (B, C, H, W), (B,), (B,) int64 in [0, num_classes] → (B, C, H, W).
+
+    ``y == num_classes`` is the null condition (cfgd.guidance.null_label).
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        size = MODEL_SIZES[spec.size]
+        levels = len(size.mults)
+        self.spec = spec
+        # Inputs are zero-padded up to a multiple of this (28 → 32 for 4 levels), then cropped.
+        self.multiple = 2 ** (levels - 1)
+        ch, emb_dim, g = size.channels, 4 * size.channels, size.groups
+        attn = {lvl % levels for lvl in size.attn_levels}
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # One extra row: the learned null embedding ∅ used by condition dropout and guidance.
+        self.class_emb = nn.Embedding(null_label(spec.num_classes) + 1, emb_dim)
+        self.inp = nn.Conv2d(spec.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, cur = [ch], ch
+        for lvl, m in enumerate(size.mults):
+            for _ in range(size.res_blocks):
+                block = nn.ModuleList([ResBlock(cur, ch * m, emb_dim, g, size.dropout)])
+                cur = ch * m
+                if lvl in attn:
+                    block.append(Attention(cur, g, size.heads))
+                self.down.append(block)
+                skips.append(cur)
+            if lvl < levels - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                skips.append(cur)
+
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, g, size.dropout), Attention(cur, g, size.heads),
+                                  ResBlock(cur, cur, emb_dim, g, size.dropout)])
+
+        self.up = nn.ModuleList()
+        for lvl, m in reversed(list(enumerate(size.mults))):
+            for i in range(size.res_blocks + 1):
+                block = nn.ModuleList([ResBlock(cur + skips.pop(), ch * m, emb_dim, g, size.dropout)])
+                cur = ch * m
+                if lvl in attn:
+                    block.append(Attention(cur, g, size.heads))
+                if lvl > 0 and i == size.res_blocks:
+                    block.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    block.append(nn.Conv2d(cur, cur, 3, padding=1))
+                self.up.append(block)
+        self.out = nn.Sequential(nn.GroupNorm(g, cur), nn.SiLU(), nn.Conv2d(cur, spec.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    @staticmethod
+    def _run(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in block:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.inp.out_channels)) + self.class_emb(y)
+        H, W = x.shape[-2:]
+        pad_h, pad_w = -H % self.multiple, -W % self.multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        h = self.inp(x)
+        hs = [h]
+        for block in self.down:
+            h = self._run(block, h, emb)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for block in self.up:
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)[..., :H, :W]
+
+
+def build_model(spec: ModelSpec) -> UNet:
+    if spec.size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {spec.size!r}; choose one of {list(MODEL_SIZES)}")
+    return UNet(spec)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,233 @@
+"""Training on Ray Train: ``train_loop_per_worker`` and the trainer around it.
+
+The loop runs on every worker with only what it is handed (the resolved config
+and the dataset's description); nothing reads the launching script's globals.
+Rank 0 writes checkpoints every ``train.checkpoint_every`` steps through
+``ray.train.report``; a rerun with the same run name resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfgd import config as cfglib
+from cfgd.checkpoint import load_checkpoint, write_checkpoint
+from cfgd.diffusion import drop_labels, make_schedule, training_loss
+from cfgd.guidance import null_label
+from cfgd.model import ModelSpec, build_model, count_params
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) so that short runs are not
+    dominated by the random initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].lerp_(v.detach(), 1 - d)
+            else:
+                self.state[k].copy_(v)
+
+
+def _log(msg: str) -> None:
+    print(f"[cfgd.train] {msg}", flush=True)
+
+
+def _threads(cfg: cfglib.TrainConfig) -> int:
+    """Torch threads per worker: explicit, or this node's cores shared by the workers.
+
+    Ray sets OMP_NUM_THREADS=1 in workers, which would leave cores idle.
+    """
+    if cfg.threads_per_worker > 0:
+        return cfg.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // cfg.num_workers)
+
+
+def _lr(cfg: cfglib.TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop. ``loop_config`` = {"config": cfglib.to_dict(cfg), "data": DatasetMeta fields}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = cfglib.from_dict(loop_config["config"])
+    data = loop_config["data"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(_threads(tc))
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    spec = ModelSpec(size=cfg.model.size, image_size=data["height"], in_channels=data["channels"],
+                     num_classes=len(data["class_names"]))
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = build_model(spec).to(device)
+    ema = EMA(model, tc.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    step, epoch = 0, 0
+
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            ck = load_checkpoint(d, with_optimizer=True)
+        model.load_state_dict(ck.model_state)
+        ema.state = {k: v.to(device) for k, v in ck.ema_state.items()}
+        opt.load_state_dict(ck.optimizer_state)
+        step, epoch = ck.step, int(ck.meta["epoch"])
+        if rank == 0:
+            _log(f"resuming from checkpoint at step {step} (epoch {epoch}): {ck.path}")
+    elif rank == 0:
+        _log(f"starting a new run: model {spec.size!r} ({count_params(model) / 1e6:.2f} M parameters), "
+             f"{world} worker(s), {torch.get_num_threads()} thread(s) each")
+
+    net = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    null = null_label(spec.num_classes)
+    # Per-rank stream, offset by the step so a resumed run does not replay the same noise.
+    gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + rank * 7919 + step)
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = tc.batch_size // world
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and tc.bf16
+                else contextlib.nullcontext())
+
+    if step >= tc.steps and rank == 0:
+        _log(f"already trained to step {step} of {tc.steps}: nothing to do")
+    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    while step < tc.steps:
+        batches = 0
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None):
+            batches += 1
+            x0, y = batch["image"], batch["label"]
+            y = drop_labels(y, cfg.diffusion.p_uncond, null, gen)
+            for group in opt.param_groups:
+                group["lr"] = _lr(tc, step)
+            with autocast:
+                loss = training_loss(net, schedule, x0, y, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+            opt.step()
+            ema.update(model, step)
+            step += 1
+            window_loss += loss.item()
+            window_n += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                dt = time.perf_counter() - window_t0
+                if rank == 0:
+                    _log(f"step {step}/{tc.steps} epoch {epoch} loss {window_loss / window_n:.4f} "
+                         f"{window_n * tc.batch_size / dt:.1f} samples/s")
+                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                _report(cfg, spec, data, model, ema, opt, step, epoch, rank, loss.item())
+            if step >= tc.steps:
+                break
+        if batches == 0:
+            raise ValueError(f"worker {rank} got no batch of {per_worker} rows in epoch {epoch}: "
+                             f"the dataset is smaller than train.batch_size={tc.batch_size}")
+        if step < tc.steps:
+            epoch += 1
+
+
+def _report(cfg, spec, data, model, ema, opt, step, epoch, rank, loss) -> None:
+    """ray.train.report on every rank (it is a collective); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = {"step": step, "epoch": epoch, "loss": loss}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(
+            Path(tmp) / "ckpt", model_state=model.state_dict(), ema_state=ema.state,
+            optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
+            step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+    _log(f"checkpoint at step {step}")
+
+
+def init_ray(tc: cfglib.TrainConfig) -> None:
+    """Join the cluster at ``train.ray_address``, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if tc.ray_address:
+        ray.init(address=tc.ray_address)
+    else:
+        ray.init(num_cpus=tc.num_cpus or None, include_dashboard=False,
+                 configure_logging=True, logging_level="warning")
+
+
+def run_dir(tc: cfglib.TrainConfig) -> Path:
+    return Path(tc.storage_path).resolve() / tc.run_name
+
+
+def fit(cfg: cfglib.Config):
+    """Train with Ray Train as configured; returns the ``ray.train.Result``.
+
+    Validates the dataset on the driver first (schema and labels), so a bad shard
+    fails in seconds with the file's name rather than inside a worker.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cfgd import data as datalib
+
+    meta = datalib.read_meta(cfg.data.root, "train")
+    datalib.validate_labels(cfg.data.root, "train", meta)
+    out = run_dir(cfg.train)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfglib.to_yaml(cfg))
+    _log(f"run directory: {out}")
+
+    init_ray(cfg.train)
+    dataset = datalib.read_dataset(cfg.data.root, "train", meta)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfglib.to_dict(cfg),
+                           "data": {"class_names": meta.class_names, "height": meta.height,
+                                    "width": meta.width, "channels": meta.channels}},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name=cfg.train.run_name, storage_path=str(out.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    ck = result.checkpoint
+    _log(f"done in {time.perf_counter() - t0:.0f} s; newest checkpoint: {ck.path if ck else None}; "
+         f"metrics: {result.metrics}")
+    if math.isnan(float((result.metrics or {}).get("loss", 0.0))):
+        raise RuntimeError("training diverged: the final loss is NaN")
+    return result
