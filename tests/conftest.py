@@ -2,8 +2,23 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-# The package is installed in editable mode by the setup script; this keeps a plain
+# The package is installed in editable mode by scripts/setup.sh; this keeps a plain
 # `pytest` from a checkout working too.
 sys.path.insert(0, str(ROOT / "platform"))
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (starting Ray costs ~10 s)."""
+    import ray
+
+    from cfgd.config import TrainConfig
+    from cfgd.train import init_ray
+
+    init_ray(TrainConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()

@@ -362,14 +362,6 @@ def test_decode_batch_wrong_shape():
 # ------------------------------------------------------------------- Ray Data
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_read_dataset_iter_torch_batches(ray_local, digits_root):
     import torch
 

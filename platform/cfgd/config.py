@@ -30,6 +30,7 @@ class DataConfig:
     rows_per_shard: int = 10000
     test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
     shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of block order
+    overwrite: bool = False  # prepare_data: rewrite shards that already exist and read back fine
 
 
 @dataclass

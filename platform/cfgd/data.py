@@ -773,3 +773,27 @@ def read_dataset(
         fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels},
         batch_format="numpy",
     ).randomize_block_order()
+
+
+def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int = 10000,
+            test_fraction: float = 0.1, overwrite: bool = False) -> dict[str, DatasetMeta]:
+    """Convert a source into train/test Parquet shards under ``root``; returns each split's meta.
+
+    Splits that already exist and read back cleanly are kept unless ``overwrite``,
+    so running the job twice is cheap.
+    """
+    if not overwrite:
+        try:
+            return {s: read_meta(root, s) for s in ("train", "test")}
+        except (ValueError, FileNotFoundError):
+            pass  # missing or damaged: (re)write below
+    if source == "folder":
+        splits, names = load_image_folder(source_path or "", test_fraction=test_fraction)
+    else:
+        splits, names = load_source(source, source_path)
+    metas = {}
+    for split, (images, labels) in splits.items():
+        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard)
+        metas[split] = read_meta(root, split)
+        validate_labels(root, split, metas[split])
+    return metas

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ class EMA:
 
 
 def _log(msg: str) -> None:
-    print(f"[cfgd.train] {msg}", flush=True)
+    # Not print(): Ray Train patches print in workers and would log each line twice.
+    sys.stdout.write(f"[cfgd.train] {msg}\n")
+    sys.stdout.flush()
 
 
 def _threads(cfg: cfglib.TrainConfig) -> int:
@@ -103,6 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(f"starting a new run: model {spec.size!r} ({count_params(model) / 1e6:.2f} M parameters), "
              f"{world} worker(s), {torch.get_num_threads()} thread(s) each")
 
+    started_at = step
     net = ray.train.torch.prepare_model(model)  # DDP when world > 1
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     null = null_label(spec.num_classes)
@@ -143,7 +147,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          f"{window_n * tc.batch_size / dt:.1f} samples/s")
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                _report(cfg, spec, data, model, ema, opt, step, epoch, rank, loss.item())
+                _report(cfg, spec, data, model, ema, opt, step, epoch, loss.item(),
+                        {"started_at_step": started_at, "world_size": world})
             if step >= tc.steps:
                 break
         if batches == 0:
@@ -153,19 +158,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch += 1
 
 
-def _report(cfg, spec, data, model, ema, opt, step, epoch, rank, loss) -> None:
+def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra) -> None:
     """ray.train.report on every rank (it is a collective); rank 0 attaches the checkpoint."""
     import ray.train
 
     metrics = {"step": step, "epoch": epoch, "loss": loss}
-    if rank != 0:
+    if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(
             Path(tmp) / "ckpt", model_state=model.state_dict(), ema_state=ema.state,
             optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
-            step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)))
+            step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)), extra=extra)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
     _log(f"checkpoint at step {step}")
 
@@ -179,8 +184,10 @@ def init_ray(tc: cfglib.TrainConfig) -> None:
     if tc.ray_address:
         ray.init(address=tc.ray_address)
     else:
-        ray.init(num_cpus=tc.num_cpus or None, include_dashboard=False,
-                 configure_logging=True, logging_level="warning")
+        # The dashboard serves the state API that Ray Train's placement-group cleaner
+        # polls; bound to loopback so nothing is exposed by default.
+        ray.init(num_cpus=tc.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level="warning")
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:

@@ -1,0 +1,58 @@
+"""Typed config: YAML + overrides, checked at once with the key's name."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfgd.config import Config, ConfigError, from_dict, load_config, masked, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_named_setups_load_and_round_trip():
+    for path in (ROOT / "jobs/configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert from_dict(to_dict(cfg)) == cfg
+    demo = load_config(ROOT / "jobs/configs/fashion_mnist.yaml", ["train.steps=5", "sample.w=[0,2]"])
+    assert demo.train.steps == 5 and demo.sample.w == [0.0, 2.0] and demo.model.size == "small"
+
+
+def test_defaults_are_safe_on_a_two_core_machine():
+    cfg = Config()
+    # Two 1-CPU workers on 2 cores starve Ray Data's read tasks (shared/docs/ray-notes.md).
+    assert cfg.train.num_workers * cfg.train.cpus_per_worker < 2
+    assert cfg.diffusion.p_uncond == 0.1
+
+
+@pytest.mark.parametrize("override,match", [
+    (["train.stepz=3"], "train.stepz"),
+    (["train.steps=many"], "train.steps"),
+    (["nosection.x=1"], "nosection"),
+    (["diffusion.schedule=quadratic"], "diffusion.schedule='quadratic'.*cosine"),
+    (["model.size=huge"], "model.size='huge'.*tiny"),
+    (["diffusion.p_uncond=1.5"], "diffusion.p_uncond"),
+    (["sample.steps=5000"], "sample.steps"),
+    (["sample.w=[1]", "sample.guidance_scale=[2]"], "not both"),
+    (["train.steps"], "key=value"),
+])
+def test_bad_keys_and_values_fail_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_secrets_are_masked_when_printed():
+    data = {"storage": {"secret_key": "hunter2", "endpoint": "http://x"}, "token": "abc"}
+    assert masked(data) == {"storage": {"secret_key": "***", "endpoint": "http://x"}, "token": "***"}
+    assert "run_name: fashion_mnist_demo" in to_yaml(Config())
+
+
+def test_cli_prints_the_resolved_config_and_exits_2_on_a_bad_key():
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs/sample.py"), "sample.stepz=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "sample.stepz" in bad.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "jobs/sample.py"), "sample.steps=3"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "sample.checkpoint is required" in missing.stderr
+    assert "resolved config:" in missing.stdout and "steps: 3" in missing.stdout
