@@ -92,7 +92,7 @@ def test_tiny_model_overfits_one_batch():
     x_t = q_sample(s, x0, t, noise)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(300):
+    for _ in range(150):
         loss = (model(x_t, t, y) - noise).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -138,17 +138,11 @@ def test_truncated_or_corrupted_checkpoint_is_refused(tmp_path, tiny):
 
 
 def test_interrupted_write_leaves_no_complete_looking_checkpoint(tmp_path, tiny):
-    class Boom(RuntimeError):
-        pass
-
-    bad_state = {"w": torch.zeros(2)}
+    # A non-tensor value makes safetensors fail after the first weights file is written.
     with pytest.raises(Exception):
-        # A non-tensor value makes safetensors fail midway through the write.
         write_checkpoint(tmp_path / "ckpt", model_state=tiny.state_dict(), ema_state={"x": "not a tensor"},
                          optimizer_state=None, spec=tiny.spec, label_names=[], step=1, epoch=0, config={})
-    assert not (tmp_path / "ckpt").exists()
-    assert os.listdir(tmp_path) == []  # temporary files cleaned up
-    del Boom, bad_state
+    assert os.listdir(tmp_path) == []  # neither a checkpoint nor temporary files are left
 
 
 def test_newest_valid_checkpoint_is_picked_and_corrupt_ones_skipped(tmp_path, tiny):

@@ -213,6 +213,10 @@ def fit(cfg: cfglib.Config):
     _log(f"run directory: {out}")
 
     init_ray(cfg.train)
+    import ray.data
+
+    # Progress bars of the streaming split would interleave with the training log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = datalib.read_dataset(cfg.data.root, "train", meta)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
