@@ -18,7 +18,8 @@ if __name__ == "__main__":
     d = cfg.data
     t0 = time.perf_counter()
     try:
-        metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction, d.overwrite)
+        metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction, d.overwrite,
+                        storage=cfg.storage)
     except (ValueError, FileNotFoundError) as err:
         fail(err)
     for split, m in metas.items():

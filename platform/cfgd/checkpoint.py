@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cfgd import storage
 from cfgd.model import ModelSpec, UNet, build_model
 
 FORMAT_VERSION = 1
@@ -180,3 +181,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not found:
         raise CheckpointError(f"no complete checkpoint found at or under {p}")
     return found[-1][1]
+
+
+def fetch_checkpoint(uri: str, opts: "storage.StorageOptions | None" = None) -> Path:
+    """A local, verified checkpoint directory for a checkpoint or run directory anywhere.
+
+    Local paths go through :func:`resolve_checkpoint`. For ``s3://`` URIs the newest
+    checkpoint under ``uri`` (by the step in its meta.json) is downloaded into a local
+    cache and verified; one that fails verification is skipped for the next newest.
+    """
+    if not storage.is_remote(uri):
+        return resolve_checkpoint(uri)
+    storage.check_access(uri, opts)
+    fs = storage.fsspec_fs(uri, opts)
+    base = storage.strip_scheme(uri).rstrip("/")
+    metas = [p for p in storage.with_retries(lambda: fs.find(base), what=uri) if p.endswith("/" + META)]
+    steps = []
+    for p in metas:
+        try:
+            steps.append((int(json.loads(storage.read_bytes("s3://" + p, opts))["step"]), p))
+        except (ValueError, KeyError):
+            continue  # unreadable meta.json: not a candidate
+    cache_root = Path(tempfile.gettempdir()) / "cfgd-checkpoints"
+    for _, p in sorted(steps, reverse=True):
+        remote_dir = "s3://" + p[: -len(META) - 1]
+        local = cache_root / hashlib.sha256(remote_dir.encode()).hexdigest()[:24]
+        try:
+            read_meta(local)  # already cached and intact
+            return local
+        except CheckpointError:
+            shutil.rmtree(local, ignore_errors=True)
+        storage.download_dir(remote_dir, str(local), opts)
+        try:
+            read_meta(local)
+            return local
+        except CheckpointError:
+            shutil.rmtree(local, ignore_errors=True)
+    raise CheckpointError(f"no complete checkpoint found at or under {uri}")

@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from cfgd.storage import StorageOptions
 
 SCHEDULES = ("linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 SOURCES = ("fashion_mnist", "idx", "folder", "npz")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
 class DataConfig:
     source: str = "fashion_mnist"  # one of SOURCES
     source_path: str = ""  # where the source lives ("" = the source's default)
-    root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read
+    root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read (path or s3://)
     rows_per_shard: int = 10000
     test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
     shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of block order
@@ -48,7 +51,7 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     run_name: str = "fashion_mnist_demo"
-    storage_path: str = "outputs/runs"  # checkpoints go to <storage_path>/<run_name>/
+    storage_path: str = "outputs/runs"  # checkpoints go to <storage_path>/<run_name>/ (path or s3://)
     ray_address: str = ""  # "" = start an embedded local Ray; "auto" or host:port = join a cluster
     num_cpus: int = 0  # CPUs of the embedded Ray (0 = all of this machine's)
     num_workers: int = 2
@@ -56,6 +59,7 @@ class TrainConfig:
     # a 2-core machine starve them and the fit hangs (shared/docs/ray-notes.md).
     cpus_per_worker: float = 0.5
     threads_per_worker: int = 0  # torch intra-op threads (0 = cores / workers)
+    placement_strategy: str = "PACK"  # one of PLACEMENTS; SPREAD puts workers on different nodes
     use_gpu: bool = False
     bf16: bool = True  # bf16 autocast, used only on GPU
     batch_size: int = 128  # global batch, split evenly across workers
@@ -74,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint)
+    checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint); path or s3://
     classes: list[int] = field(default_factory=list)  # [] = every class
     w: Optional[list[float]] = None  # guidance strengths (paper form); default [0, 1, 3]
     guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
@@ -98,6 +102,9 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Object storage for every s3:// URI above (endpoint, region, credentials). Leave the
+    # credentials empty to use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
 
 class ConfigError(ValueError):
@@ -114,6 +121,7 @@ def validate(cfg: Config) -> Config:
     _choice("data.source", cfg.data.source, SOURCES)
     _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
     _choice("sample.spacing", cfg.sample.spacing, SPACINGS)
+    _choice("train.placement_strategy", cfg.train.placement_strategy, PLACEMENTS)
     from cfgd.model import MODEL_SIZES  # the registry owns the valid names
 
     _choice("model.size", cfg.model.size, tuple(MODEL_SIZES))

@@ -558,12 +558,25 @@ def write_shards(
     return [posixpath.join(final_dir, n) for n in names]
 
 
+def _move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a directory. Object stores have no directories (only keys, and some
+    servers keep empty "directory" markers that a recursive copy trips over), so
+    there each file is moved on its own."""
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(src, dst, recursive=True)
+        return
+    for path in fs.find(src):
+        fs.mv(path, dst + path[len(src):])
+    if fs.exists(src):  # leftover directory markers
+        fs.rm(src, recursive=True)
+
+
 def _replace_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str, old: str) -> None:
     """Move src to dst, replacing dst. The old dst is moved aside first (not
     deleted) so a crash in between leaves it recoverable."""
-    if fs.exists(dst):
-        fs.mv(dst, old, recursive=True)
-    fs.mv(src, dst, recursive=True)
+    if fs.exists(dst) and fs.find(dst):
+        _move(fs, dst, old)
+    _move(fs, src, dst)
     if fs.exists(old):
         fs.rm(old, recursive=True)
 
@@ -756,6 +769,7 @@ def _arrow_fs(filesystem: fsspec.AbstractFileSystem | None):
 def read_dataset(
     root: str, split: str, meta: DatasetMeta,
     filesystem: fsspec.AbstractFileSystem | None = None,
+    arrow_filesystem=None,
 ):
     """Lazy Ray Dataset of decoded rows of ``<root>/<split>``.
 
@@ -767,7 +781,9 @@ def read_dataset(
 
     fs = _fs(filesystem)
     split_dir = _split_dir(root, split, fs)
-    ds = ray.data.read_parquet(split_dir, filesystem=_arrow_fs(filesystem), include_paths=True)
+    # A native pyarrow filesystem (cfgd.storage.arrow_fs) reads S3 faster than a wrapped fsspec one.
+    arrow = arrow_filesystem if arrow_filesystem is not None else _arrow_fs(filesystem)
+    ds = ray.data.read_parquet(split_dir, filesystem=arrow, include_paths=True)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels},
@@ -776,15 +792,20 @@ def read_dataset(
 
 
 def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int = 10000,
-            test_fraction: float = 0.1, overwrite: bool = False) -> dict[str, DatasetMeta]:
+            test_fraction: float = 0.1, overwrite: bool = False, storage=None) -> dict[str, DatasetMeta]:
     """Convert a source into train/test Parquet shards under ``root``; returns each split's meta.
 
-    Splits that already exist and read back cleanly are kept unless ``overwrite``,
-    so running the job twice is cheap.
+    ``root`` is a local path or an ``s3://`` URI (reached with ``storage``, a
+    cfgd.storage.StorageOptions). Splits that already exist and read back cleanly
+    are kept unless ``overwrite``, so running the job twice is cheap.
     """
+    from cfgd.storage import check_access, fsspec_fs
+
+    check_access(root, storage, write=True)  # a bad endpoint or bucket fails here, in seconds
+    fs = fsspec_fs(root, storage)
     if not overwrite:
         try:
-            return {s: read_meta(root, s) for s in ("train", "test")}
+            return {s: read_meta(root, s, fs) for s in ("train", "test")}
         except (ValueError, FileNotFoundError):
             pass  # missing or damaged: (re)write below
     if source == "folder":
@@ -793,7 +814,7 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
         splits, names = load_source(source, source_path)
     metas = {}
     for split, (images, labels) in splits.items():
-        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard)
-        metas[split] = read_meta(root, split)
-        validate_labels(root, split, metas[split])
+        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs)
+        metas[split] = read_meta(root, split, fs)
+        validate_labels(root, split, metas[split], fs)
     return metas

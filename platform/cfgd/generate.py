@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cfgd.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
 from cfgd.diffusion import EpsFn, make_schedule
 from cfgd.guidance import null_label, resolve_w
 from cfgd.sampling import ddim_sample
+from cfgd.storage import StorageOptions, is_remote
 
 
 def eps_fn_of(model: torch.nn.Module) -> EpsFn:
@@ -35,8 +36,10 @@ class Generator:
     device: torch.device
 
     @classmethod
-    def load(cls, path: str | Path, use_ema: bool = True, device: str = "cpu") -> "Generator":
-        ck = load_checkpoint(resolve_checkpoint(path))
+    def load(cls, path: str | Path, use_ema: bool = True, device: str = "cpu",
+             storage: StorageOptions | None = None) -> "Generator":
+        """A checkpoint or run directory, local or ``s3://`` (newest valid checkpoint)."""
+        ck = load_checkpoint(fetch_checkpoint(str(path), storage))
         return cls(ck, ck.build(ema=use_ema).to(device), torch.device(device))
 
     @property
@@ -98,14 +101,14 @@ def make_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, gap: int =
     return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
 
 
-def sample_grid(sc: SampleConfig, device: str = "cpu") -> dict[str, str]:
+def sample_grid(sc: SampleConfig, device: str = "cpu", storage: StorageOptions | None = None) -> dict[str, str]:
     """Run ``jobs/sample.py``: a grid of rows = classes, columns = w values.
 
     Sample j of class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the
     columns differ only by guidance. Writes ``grid.png`` and ``samples.npz`` (images
     uint8 NHWC, labels, w, guidance_scale, seeds) and returns their paths.
     """
-    gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device)
+    gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
     if sc.w is None and sc.guidance_scale is None:
         ws = [0.0, 1.0, 3.0]
@@ -125,7 +128,12 @@ def sample_grid(sc: SampleConfig, device: str = "cpu") -> dict[str, str]:
                         interval=sc.guidance_interval, rescale=sc.rescale, clip_denoised=sc.clip_denoised,
                         batch_size=sc.batch_size, progress=True)
     u8 = to_uint8(images)
-    out = Path(sc.out) if sc.out else Path(gen.checkpoint.path).parent / "samples"
+    if sc.out:
+        out = Path(sc.out)
+    elif is_remote(sc.checkpoint):
+        out = Path("outputs/samples") / sc.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        out = Path(gen.checkpoint.path).parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
     make_grid(u8, len(classes), len(ws), per_cell=sc.per_cell).save(grid_path)

@@ -463,6 +463,9 @@ def _explain(uri: str, exc: BaseException, r: _Resolved, bucket: str) -> Storage
     elif code in CREDENTIAL_CODES or status == 403:
         msg = (f"cannot access {uri}: {where} refused the credentials or denied access "
                f"({code or status}): {CREDENTIALS_HINT}")
+        if code in ("", "403"):
+            # No S3 error document: possibly not an S3 server at all.
+            msg += "; also check that storage.endpoint_url points at an S3 server"
     else:
         msg = (f"cannot access {uri} at {where} ({detail}): {ENDPOINT_HINT}; "
                f"{CREDENTIALS_HINT}")
@@ -592,8 +595,10 @@ def download_dir(uri: str, local_dir: str, opts: StorageOptions | None = None) -
     fs = fsspec_fs(uri, opts)
     base = arrow_path(uri)
     found = with_retries(lambda: fs.find(base), what=f"list {uri}")
+    # Keys ending in "/" are directory markers (some servers list them as
+    # objects): nothing to download.
     rels = [_safe_rel(p[len(base):].lstrip("/"), uri) for p in found
-            if p.startswith(base + "/")]
+            if p.startswith(base + "/") and not p.endswith("/")]
     if not rels:
         raise FileNotFoundError(errno.ENOENT, "no files under", uri)
     rpaths = [f"{base}/{rel}" for rel in rels]

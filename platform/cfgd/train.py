@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from cfgd import config as cfglib
+from cfgd import storage
 from cfgd.checkpoint import load_checkpoint, write_checkpoint
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.guidance import null_label
@@ -70,6 +71,7 @@ def _lr(cfg: cfglib.TrainConfig, step: int) -> float:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop. ``loop_config`` = {"config": cfglib.to_dict(cfg), "data": DatasetMeta fields}."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -102,7 +104,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, epoch = ck.step, int(ck.meta["epoch"])
         if rank == 0:
             _log(f"resuming from checkpoint at step {step} (epoch {epoch}): {ck.path}")
-    elif rank == 0:
+    _log(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}")
+    if resume is None and rank == 0:
         _log(f"starting a new run: model {spec.size!r} ({count_params(model) / 1e6:.2f} M parameters), "
              f"{world} worker(s), {torch.get_num_threads()} thread(s) each")
 
@@ -181,8 +184,10 @@ def init_ray(tc: cfglib.TrainConfig) -> None:
 
     if ray.is_initialized():
         return
-    if tc.ray_address:
-        ray.init(address=tc.ray_address)
+    # Under `ray job submit`, RAY_ADDRESS names the cluster the job belongs to.
+    address = tc.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner
         # polls; bound to loopback so nothing is exposed by default.
@@ -191,25 +196,37 @@ def init_ray(tc: cfglib.TrainConfig) -> None:
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:
+    """The local run directory (``train.storage_path`` is a local path)."""
     return Path(tc.storage_path).resolve() / tc.run_name
+
+
+def run_uri(tc: cfglib.TrainConfig) -> str:
+    """Where this run's checkpoints go: a local path or ``s3://bucket/prefix/<run_name>``."""
+    if storage.is_remote(tc.storage_path):
+        return tc.storage_path.rstrip("/") + "/" + tc.run_name
+    return str(run_dir(tc))
 
 
 def fit(cfg: cfglib.Config):
     """Train with Ray Train as configured; returns the ``ray.train.Result``.
 
-    Validates the dataset on the driver first (schema and labels), so a bad shard
-    fails in seconds with the file's name rather than inside a worker.
+    Checks storage access and validates the dataset on the driver first (schema and
+    labels), so a wrong endpoint, a missing bucket or a bad shard fails in seconds
+    with a message naming it, rather than hanging or failing inside a worker.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cfgd import data as datalib
 
-    meta = datalib.read_meta(cfg.data.root, "train")
-    datalib.validate_labels(cfg.data.root, "train", meta)
-    out = run_dir(cfg.train)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfglib.to_yaml(cfg))
+    opts = cfg.storage
+    storage.check_access(cfg.data.root, opts)
+    storage.check_access(cfg.train.storage_path, opts, write=True)
+    data_fs = storage.fsspec_fs(cfg.data.root, opts)
+    meta = datalib.read_meta(cfg.data.root, "train", data_fs)
+    datalib.validate_labels(cfg.data.root, "train", meta, data_fs)
+    out = run_uri(cfg.train)
+    storage.write_bytes_atomic(out + "/config.yaml", cfglib.to_yaml(cfg).encode(), opts)
     _log(f"run directory: {out}")
 
     init_ray(cfg.train)
@@ -217,7 +234,8 @@ def fit(cfg: cfglib.Config):
 
     # Progress bars of the streaming split would interleave with the training log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = datalib.read_dataset(cfg.data.root, "train", meta)
+    dataset = datalib.read_dataset(cfg.data.root, "train", meta, data_fs,
+                                   arrow_filesystem=storage.arrow_fs(cfg.data.root, opts))
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -227,10 +245,13 @@ def fit(cfg: cfglib.Config):
                            "data": {"class_names": meta.class_names, "height": meta.height,
                                     "width": meta.width, "channels": meta.channels}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.train.placement_strategy),
         datasets={"train": dataset},
         run_config=RunConfig(
-            name=cfg.train.run_name, storage_path=str(out.parent),
+            name=cfg.train.run_name,
+            storage_path=storage.arrow_path(cfg.train.storage_path),
+            storage_filesystem=storage.arrow_fs(cfg.train.storage_path, opts),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
