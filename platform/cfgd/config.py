@@ -71,6 +71,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    keep_best_by: str = ""  # "" = keep the newest; "loss" = keep the lowest-loss ones (Ray always keeps the newest too)
+    compile: bool = False  # torch.compile the network (helps on GPU)
     max_failures: int = 0
     log_every: int = 50
     seed: int = 0
@@ -147,6 +149,8 @@ def validate(cfg: Config) -> Config:
         if not ok:
             value = OmegaConf.select(OmegaConf.structured(cfg), name)
             raise ConfigError(f"{name}={value!r} is not valid; it must be {valid}")
+    if cfg.train.keep_best_by not in ("", "loss"):
+        raise ConfigError(f"train.keep_best_by={cfg.train.keep_best_by!r} is not valid; choose '' or 'loss'")
     if cfg.sample.w is not None and cfg.sample.guidance_scale is not None:
         raise ConfigError("give sample.w or sample.guidance_scale, not both (guidance_scale = 1 + w)")
     return cfg

@@ -111,6 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     started_at = step
     net = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    if tc.compile:
+        net = torch.compile(net)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
     null = null_label(spec.num_classes)
     # Per-rank stream, offset by the step so a resumed run does not replay the same noise.
@@ -126,7 +128,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while step < tc.steps:
         batches = 0
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None):
+                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                              pin_memory=use_cuda, prefetch_batches=2):
             batches += 1
             x0, y = batch["image"], batch["label"]
             y = drop_labels(y, cfg.diffusion.p_uncond, null, gen)
@@ -252,7 +255,10 @@ def fit(cfg: cfglib.Config):
             name=cfg.train.run_name,
             storage_path=storage.arrow_path(cfg.train.storage_path),
             storage_filesystem=storage.arrow_fs(cfg.train.storage_path, opts),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.keep_best_by or None,
+                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     t0 = time.perf_counter()
