@@ -61,6 +61,9 @@ def _threads(cfg: cfglib.TrainConfig) -> int:
     """
     if cfg.threads_per_worker > 0:
         return cfg.threads_per_worker
+    if cfg.cpus_per_worker >= 1:  # a cluster worker: the cores Ray reserved for it
+        return int(cfg.cpus_per_worker)
+    # Fractional CPUs (a small machine, room left for Ray Data): share this node's cores.
     return max(1, (os.cpu_count() or 1) // cfg.num_workers)
 
 
@@ -244,7 +247,9 @@ def fit(cfg: cfglib.Config):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfglib.to_dict(cfg),
+        # Workers never need the storage credentials (Ray Train moves checkpoints with
+        # storage_filesystem), so they get the masked config, which Ray may display.
+        train_loop_config={"config": cfglib.masked(cfglib.to_dict(cfg)),
                            "data": {"class_names": meta.class_names, "height": meta.height,
                                     "width": meta.width, "channels": meta.channels}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
