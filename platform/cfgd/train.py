@@ -3,7 +3,9 @@
 The loop runs on every worker with only what it is handed (the resolved config
 and the dataset's description); nothing reads the launching script's globals.
 Rank 0 writes checkpoints every ``train.checkpoint_every`` steps through
-``ray.train.report``; a rerun with the same run name resumes from the newest one.
+``ray.train.report``; a rerun with the same run name resumes from the newest one
+that Ray Train has registered (one written in the last moments before a crash may
+not be, and is then redone).
 """
 
 from __future__ import annotations
@@ -195,8 +197,8 @@ def init_ray(tc: cfglib.TrainConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner
-        # polls; bound to loopback so nothing is exposed by default.
+        # With the dashboard, Ray Train's placement-group cleaner can query actor state
+        # (without it, it logs a warning every second). Bound to loopback by default.
         ray.init(num_cpus=tc.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level="warning")
 
