@@ -3,12 +3,9 @@
 import re
 import sys
 
-import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
 from cfgd.checkpoint import find_checkpoints
-from cfgd.data import write_shards
 from raycluster import LocalCluster
 
 
@@ -19,16 +16,7 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    root = tmp_path_factory.mktemp("digits")
-    write_shards(str(root), "train", images, d.target, [str(i) for i in range(10)], rows_per_shard=300)
-    return root
-
-
-def test_job_submit_trains_across_two_nodes(cluster, shards, tmp_path):
+def test_job_submit_trains_across_two_nodes(cluster, digits_shards, tmp_path):
     status = cluster.ray("status", f"--address={cluster.address}", timeout=60)
     assert status.returncode == 0, status.stderr[-2000:]
     assert status.stdout.count("node_") >= 2 or "2 node" in status.stdout or status.stdout.count(" node") >= 2
@@ -37,7 +25,7 @@ def test_job_submit_trains_across_two_nodes(cluster, shards, tmp_path):
     submit = cluster.submit(
         "--runtime-env", "jobs/runtime_env.yaml",
         "--submission-id", "cfgd-test-train", "--",
-        sys.executable, "jobs/train.py", "--config", "jobs/configs/tiny.yaml", f"data.root={shards}",
+        sys.executable, "jobs/train.py", "--config", "jobs/configs/tiny.yaml", f"data.root={digits_shards}",
         f"train.storage_path={runs}", "train.run_name=cluster", "train.steps=4", "train.checkpoint_every=2",
         "train.placement_strategy=SPREAD")
     out = submit.stdout + submit.stderr

@@ -28,14 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from cfgd.checkpoint import META, OPTIMIZER, WEIGHTS, find_checkpoints, load_checkpoint
-from cfgd.data import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 80
@@ -46,16 +43,6 @@ RESUME_RE = re.compile(r"resuming from checkpoint at step (\d+)")
 WORKER_RE = re.compile(r"RayTrainWorker pid=(\d+)[^)]*\)\S*\s+\[cfgd\.train\] worker (\d+)/\d+")
 STEP_RE = re.compile(r"\[cfgd\.train\] step (\d+)/")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    root = tmp_path_factory.mktemp("digits")
-    names = [str(i) for i in range(10)]
-    write_shards(str(root), "train", images, d.target, names, rows_per_shard=300)
-    return root
 
 
 # --------------------------------------------------------------------------- processes

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from cfgd import storage
 from cfgd.storage import StorageError, StorageOptions
 
-from s3server import S3Server, find_weed
+from s3server import find_weed
 
 BUCKET = "cfgd-test"
 

@@ -4,26 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-from sklearn.datasets import load_digits
 
 from cfgd.checkpoint import find_checkpoints, load_checkpoint
 from cfgd.config import load_config
-from cfgd.data import write_shards
 from cfgd.train import fit, run_dir
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory):
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    root = tmp_path_factory.mktemp("digits")
-    names = [str(i) for i in range(10)]
-    write_shards(str(root), "train", images, d.target, names, rows_per_shard=300)
-    write_shards(str(root), "test", images[:100], d.target[:100], names)
-    return root
 
 
 def _cfg(root, runs, steps):
