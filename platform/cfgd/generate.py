@@ -69,6 +69,9 @@ class Generator:
             raise ValueError(f"class labels {bad} are outside [0, {self.num_classes})")
         n = len(labels_t)
         w_t = resolve_w(w, batch=n)
+        bounds = None
+        if interval is not None:  # per-row (n,) bounds or scalars, sliced with the rows below
+            bounds = [torch.as_tensor(b, dtype=torch.float64).expand(n) for b in interval]
         schedule = self.schedule()
         outs = []
         for lo in range(0, n, batch_size):
@@ -76,8 +79,8 @@ class Generator:
             outs.append(ddim_sample(
                 eps_fn_of(self.model), schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
                 steps=steps, eta=eta, spacing=spacing, w=w_t[lo:hi], null_label=null_label(self.num_classes),
-                interval=interval, rescale=rescale, clip_denoised=clip_denoised, device=self.device,
-                progress=progress).cpu())
+                interval=None if bounds is None else (bounds[0][lo:hi], bounds[1][lo:hi]), rescale=rescale,
+                clip_denoised=clip_denoised, device=self.device, progress=progress).cpu())
         return torch.cat(outs)
 
 

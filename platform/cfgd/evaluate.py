@@ -1,0 +1,623 @@
+"""Sample-quality metrics in the feature space of a small classifier trained on the real data.
+
+The evaluation network is a small CNN trained on the real training split. Its
+penultimate layer (``feature_dim``, 128 by default) is the feature space of FID and
+precision/recall; its softmax gives the Inception Score and the conditional accuracy
+(the fraction of samples classified as the class they were generated for). Numbers
+from different evaluators are not comparable: the table of a sweep names the
+evaluator's sha256.
+
+Evaluator checkpoint (a directory, local or ``s3://``)::
+
+    model.safetensors   weights (no pickle)
+    meta.json           kind, format version, architecture, image shape, class names,
+                        test accuracy, training settings, size + sha256 of the weights
+
+Metrics (all float64 on the host):
+
+* FID (Heusel et al. 2017): ‖μ₁−μ₂‖² + tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the trace of the
+  square root from the eigenvalues of the symmetric PSD Σ₁^½ Σ₂ Σ₁^½ (no complex
+  parts to discard, unlike ``scipy.linalg.sqrtm`` of the non-symmetric product).
+* Inception Score (Salimans et al. 2016): exp E_x KL(p(y|x) ‖ p(y)), per split.
+* Precision / recall (Kynkäänniemi et al. 2019): k-NN balls (k = 3) around each set.
+* The "floor": the same metrics for one half of the real test data against the other.
+
+``inception_fid`` is an optional path for FID in InceptionV3 pool features from a
+user-supplied TorchScript weights file; it is not exercised by the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cfgd import storage
+from cfgd.config import ConfigError, masked
+from cfgd.data import DatasetMeta, decode_batch, read_meta
+from cfgd.storage import StorageOptions
+
+KIND = "cfgd-evaluator"
+FORMAT_VERSION = 1
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@dataclass
+class EvaluatorConfig:
+    """``jobs/train_evaluator.py``: train the evaluation classifier on real data."""
+
+    data_root: str = "outputs/data/fashion_mnist"  # Parquet shards <root>/{train,test}/ (path or s3://)
+    out: str = "outputs/evaluators/fashion_mnist"  # evaluator checkpoint directory (path or s3://)
+    widths: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv widths; pool after all but the last
+    feature_dim: int = 128  # the feature space of FID and precision/recall
+    epochs: int = 2
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run every epoch)
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    max_train_rows: int = 0  # use only the first rows of the train split (0 = all)
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    seed: int = 0
+    overwrite: bool = False  # replace an evaluator already at ``out``
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+def load_structured(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """Defaults of dataclass ``schema`` <- YAML file <- ``key=value`` overrides.
+
+    Same rules as :func:`cfgd.config.load_config`: unknown keys and wrong types raise
+    a ConfigError naming the key.
+    """
+    try:
+        layers = [OmegaConf.structured(schema)]
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise ConfigError(f"bad config key {key!r}: {getattr(err, 'msg', err)}") from None
+
+
+def config_yaml(cfg: Any) -> str:
+    """A structured config as YAML with secrets masked (for logs and saved metadata)."""
+    return OmegaConf.to_yaml(OmegaConf.create(masked(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+
+
+def validate_evaluator_config(cfg: EvaluatorConfig) -> EvaluatorConfig:
+    checks = [
+        ("widths", len(cfg.widths) >= 1 and all(w >= 1 for w in cfg.widths), "a non-empty list of ints >= 1"),
+        ("feature_dim", cfg.feature_dim >= 2, ">= 2"),
+        ("epochs", cfg.epochs >= 1, ">= 1"),
+        ("max_steps", cfg.max_steps >= 0, ">= 0"),
+        ("batch_size", cfg.batch_size >= 2, ">= 2 (batch norm)"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("max_train_rows", cfg.max_train_rows >= 0, ">= 0"),
+        ("out", bool(cfg.out), "a directory path or s3:// URI"),
+        ("data_root", bool(cfg.data_root), "a directory path or s3:// URI"),
+    ]
+    for name, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
+    return cfg
+
+
+# ------------------------------------------------------------------------ the network
+
+
+class EvalNet(nn.Module):
+    """Conv (3×3) + BN + ReLU stages, 2×2 max-pool after all but the last, then
+    average-pool to 4×4 → Linear(feature_dim) → ReLU (the features) → Linear(classes).
+
+    x: (B, C, H, W) in [-1, 1] → logits (B, num_classes); works for any H, W ≥ 4.
+    """
+
+    POOL = 4
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int] = (32, 64, 64),
+                 feature_dim: int = 128):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            cin = w
+        # Adaptive pooling fixes the head's input size whatever the image size
+        # (it repeats pixels when the map is smaller than 4×4, e.g. 8×8 digits).
+        layers.append(nn.AdaptiveAvgPool2d(self.POOL))
+        self.body = nn.Sequential(*layers)
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(cin * self.POOL**2, feature_dim), nn.ReLU(inplace=True))
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, feature_dim)."""
+        return self.embed(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(x)))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return f, self.head(f)  # dropout is the identity in eval mode
+
+
+@dataclass
+class Embedding:
+    """Evaluator outputs for N images: features (N, D) and class probabilities (N, K), float64."""
+
+    features: np.ndarray
+    probs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def take(self, idx) -> "Embedding":
+        return Embedding(self.features[idx], self.probs[idx])
+
+
+def uint8_to_model(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) → float32 (N, C, H, W) in [-1, 1], the same map as the data loader."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x * (2.0 / 255.0) - 1.0
+
+
+@dataclass
+class Evaluator:
+    """A loaded evaluation network (eval mode, CPU) and its meta.json."""
+
+    net: EvalNet
+    meta: dict[str, Any]
+    path: str = ""
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it was trained on."""
+        return tuple(self.meta["image_shape"])
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.meta["test_accuracy"])
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the weights: results of different evaluators are not comparable."""
+        return self.meta["files"][WEIGHTS]["sha256"]
+
+    @classmethod
+    def load(cls, uri: str | Path, storage_options: StorageOptions | None = None) -> "Evaluator":
+        """An evaluator checkpoint directory, local or ``s3://`` (downloaded to a cache and verified)."""
+        local = fetch_evaluator(str(uri), storage_options)
+        meta = read_evaluator_meta(local)
+        a = meta["arch"]
+        net = EvalNet(a["in_channels"], a["num_classes"], a["widths"], a["feature_dim"])
+        net.load_state_dict(load_file(local / WEIGHTS))
+        return cls(net.eval(), meta, str(uri))
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> Embedding:
+        """images: float (N, C, H, W) in [-1, 1], or uint8 (N, H, W, C) → Embedding."""
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+            images = uint8_to_model(images)
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"evaluator {self.path} expects images (N, C, H, W) with (C, H, W) = "
+                             f"{self.image_shape}, got {tuple(images.shape)}")
+        feats, probs = [], []
+        for lo in range(0, len(images), batch_size):
+            f, logits = self.net.features_and_logits(images[lo:lo + batch_size])
+            feats.append(f.double())
+            probs.append(torch.softmax(logits.double(), dim=1))
+        d, k = self.net.head.in_features, self.net.head.out_features
+        return Embedding(torch.cat(feats).numpy() if feats else np.zeros((0, d)),
+                         torch.cat(probs).numpy() if probs else np.zeros((0, k)))
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """features (N, D) → mean (D,), unbiased covariance (D, D), float64. Needs N ≥ 2."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need features of shape (N >= 2, D), got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues → 0)."""
+    vals, vecs = np.linalg.eigh((a + a.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """d² between N(μ₁, Σ₁) and N(μ₂, Σ₂): ‖μ₁−μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½.
+
+    tr (Σ₁Σ₂)^½ = Σᵢ sqrt λᵢ(Σ₁^½ Σ₂ Σ₁^½): Σ₁Σ₂ is similar to that symmetric PSD
+    matrix, so its eigenvalues are real and ≥ 0 and no complex square root is needed
+    (the eps-offset / imaginary-part handling of the sqrtm route becomes moot).
+    mu: (D,), sigma: (D, D). Returns a float ≥ 0 (round-off clipped).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched shapes: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    r1 = _sqrt_psd(s1)
+    m = r1 @ s2 @ r1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+
+
+def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID between two feature sets (Na, D) and (Nb, D)."""
+    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+
+
+def inception_score(probs: np.ndarray, splits: int = 1) -> tuple[float, float]:
+    """exp E_x KL(p(y|x) ‖ p(y)) of class probabilities (N, K); (mean, std) over ``splits``.
+
+    p(y) is the mean of p(y|x) within each split. Equals K for confident predictions
+    spread evenly over K classes, 1 when every prediction is the same.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) < splits or splits < 1:
+        raise ValueError(f"need probs (N >= splits, K) and splits >= 1, got {p.shape}, splits={splits}")
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(axis=0, keepdims=True)
+        # 0·log 0 = 0: only terms with p(y|x) > 0 count (then p(y) > 0 too).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0)
+        scores.append(math.exp(terms.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def conditional_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows (N, K) whose arg-max class is the requested label (N,)."""
+    labels = np.asarray(labels)
+    if len(labels) != len(probs):
+        raise ValueError(f"{len(probs)} rows of probabilities but {len(labels)} labels")
+    return float((np.asarray(probs).argmax(axis=1) == labels).mean())
+
+
+def _cdist_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int):
+    """Yield (lo, distances (rows, Nb)) for row chunks of a; exact (no matmul trick: d(x, x) = 0)."""
+    for lo in range(0, len(a), chunk):
+        yield lo, torch.cdist(a[lo:lo + chunk], b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def knn_radii(features: np.ndarray, k: int = 3, chunk: int = 1024) -> np.ndarray:
+    """Distance of each point (N, D) to its k-th nearest other point → (N,) float64."""
+    x = torch.as_tensor(np.asarray(features, np.float64))
+    if not 1 <= k < len(x):
+        raise ValueError(f"k must be in [1, N-1={len(x) - 1}], got {k}")
+    out = torch.empty(len(x), dtype=torch.float64)
+    for lo, d in _cdist_chunks(x, x, chunk):
+        # k+1 smallest including the point itself at distance 0.
+        out[lo:lo + len(d)] = d.topk(k + 1, dim=1, largest=False).values[:, k]
+    return out.numpy()
+
+
+def _coverage(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    """Fraction of points inside at least one ball B(center_j, radius_j)."""
+    inside = torch.zeros(len(points), dtype=torch.bool)
+    for lo, d in _cdist_chunks(points, centers, chunk):
+        inside[lo:lo + len(d)] = (d <= radii[None, :]).any(dim=1)
+    return float(inside.double().mean())
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1024) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of features (Nr, D), (Nf, D).
+
+    precision: fraction of fake points inside the real manifold (the union of balls
+    around each real point reaching its k-th nearest real neighbour); recall: fraction
+    of real points inside the fake manifold. Use sets of equal size: the radii shrink
+    as a set grows.
+    """
+    r = torch.as_tensor(np.asarray(real, np.float64))
+    f = torch.as_tensor(np.asarray(fake, np.float64))
+    r_rad = torch.as_tensor(knn_radii(r.numpy(), k, chunk))
+    f_rad = torch.as_tensor(knn_radii(f.numpy(), k, chunk))
+    return _coverage(f, r, r_rad, chunk), _coverage(r, f, f_rad, chunk)
+
+
+METRICS = ("fid", "inception_score", "inception_score_std", "accuracy", "precision", "recall")
+
+
+def compute_metrics(gen: Embedding, labels: np.ndarray, reference: Embedding, pr_reference: Embedding,
+                    k: int = 3, is_splits: int = 1) -> dict[str, float]:
+    """Every metric of generated ``gen`` (requested ``labels``) against real data.
+
+    FID against ``reference``; precision/recall against ``pr_reference`` (ideally the
+    same size as ``gen``). Keys: METRICS.
+    """
+    is_mean, is_std = inception_score(gen.probs, is_splits)
+    p, r = precision_recall(pr_reference.features, gen.features, k)
+    return {"fid": fid(gen.features, reference.features), "inception_score": is_mean,
+            "inception_score_std": is_std, "accuracy": conditional_accuracy(gen.probs, labels),
+            "precision": p, "recall": r}
+
+
+@dataclass
+class RealSplit:
+    """A real test set cut in two halves: ``held_out`` plays the samples, ``reference`` the data.
+
+    The floor compares ``n`` held-out images with the reference exactly as a sweep
+    compares n samples, so finite-sample bias (FID grows as n shrinks) is the same on
+    both sides of the comparison.
+    """
+
+    held_out: Embedding
+    held_out_labels: np.ndarray
+    reference: Embedding
+
+    @classmethod
+    def of(cls, emb: Embedding, labels: np.ndarray, seed: int = 0) -> "RealSplit":
+        perm = np.random.default_rng(seed).permutation(len(emb))
+        half = len(emb) // 2
+        a, b = perm[:half], perm[half:]
+        return cls(emb.take(a), np.asarray(labels)[a], emb.take(b))
+
+    def pr_reference(self, n: int) -> Embedding:
+        """The first n reference rows (already shuffled): a size-matched set for precision/recall."""
+        return self.reference.take(slice(0, min(n, len(self.reference))))
+
+    def floor(self, n: int, k: int = 3, is_splits: int = 1) -> dict[str, float]:
+        """The metrics of n real held-out images: the best a generator can score at size n."""
+        if n > len(self.held_out):
+            raise ValueError(f"floor needs n <= {len(self.held_out)} held-out real images, got {n}")
+        return compute_metrics(self.held_out.take(slice(0, n)), self.held_out_labels[:n], self.reference,
+                               self.pr_reference(n), k, is_splits)
+
+
+# ------------------------------------------------------------------------ data
+
+
+def load_split(root: str, split: str, storage_options: StorageOptions | None = None,
+               limit: int = 0) -> tuple[torch.Tensor, np.ndarray, DatasetMeta]:
+    """All rows of ``<root>/<split>`` read in-process with pyarrow.
+
+    Returns images float32 (N, C, H, W) in [-1, 1], labels int64 (N,), and the meta.
+    ``limit`` > 0 keeps the first rows only.
+    """
+    fs = storage.fsspec_fs(root, storage_options)
+    meta = read_meta(root, split, filesystem=fs)
+    images, labels, n = [], [], 0
+    for path in meta.files:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["image", "label"])
+        if limit:
+            table = table.slice(0, limit - n)
+        batch = {"image": np.asarray(table.column("image").to_pylist(), dtype=object),
+                 "label": table.column("label").to_numpy()}
+        out = decode_batch(batch, meta.height, meta.width, meta.channels)
+        images.append(out["image"])
+        labels.append(out["label"])
+        n += len(out["label"])
+        if limit and n >= limit:
+            break
+    return torch.from_numpy(np.concatenate(images)), np.concatenate(labels), meta
+
+
+# ------------------------------------------------------------------------ checkpoint
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_evaluator(out: str, net: EvalNet, meta: dict[str, Any], storage_options: StorageOptions | None = None,
+                    overwrite: bool = False) -> str:
+    """Write weights + meta.json (sha256 added) to ``out``, local or ``s3://``; meta.json last.
+
+    Locally the files go to a temporary sibling renamed into place; on S3 meta.json is
+    uploaded after the weights, so a reader never sees meta.json without its weights.
+    """
+    fs = storage.fsspec_fs(out, storage_options)
+    target = storage.arrow_path(out)
+    if fs.exists(f"{target}/{META}") and not overwrite:
+        raise FileExistsError(f"an evaluator already exists at {out}; pass overwrite=true to replace it")
+    with tempfile.TemporaryDirectory(prefix="cfgd-evaluator-") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, f"{tmp}/{WEIGHTS}")
+        w = Path(tmp) / WEIGHTS
+        full = {**meta, "kind": KIND, "format_version": FORMAT_VERSION,
+                "files": {WEIGHTS: {"bytes": w.stat().st_size, "sha256": _sha256(w)}}}
+        meta_bytes = json.dumps(full, indent=2, sort_keys=True).encode()
+        if storage.is_remote(out):
+            storage.upload_dir(tmp, out, storage_options)
+            storage.write_bytes_atomic(f"{out.rstrip('/')}/{META}", meta_bytes, storage_options)
+            return out
+        (Path(tmp) / META).write_bytes(meta_bytes)
+        final = Path(target)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        shutil.copytree(tmp, staged, dirs_exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+    return str(final)
+
+
+def read_evaluator_meta(directory: Path) -> dict[str, Any]:
+    """meta.json of a local evaluator directory, after checking the weights against it."""
+    d = Path(directory)
+    if not (d / META).is_file():
+        raise ValueError(f"{d} is not an evaluator checkpoint: {META} is missing "
+                         f"(train one with jobs/train_evaluator.py)")
+    meta = json.loads((d / META).read_text())
+    if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d} holds {meta.get('kind')!r} format {meta.get('format_version')!r}; "
+                         f"expected {KIND!r} format {FORMAT_VERSION}")
+    for name, rec in meta["files"].items():
+        f = d / name
+        if not f.is_file() or f.stat().st_size != rec["bytes"] or _sha256(f) != rec["sha256"]:
+            raise ValueError(f"evaluator {d} is corrupted or incomplete: {name} does not match meta.json")
+    return meta
+
+
+def fetch_evaluator(uri: str, storage_options: StorageOptions | None = None) -> Path:
+    """A verified local directory for an evaluator checkpoint at ``uri`` (path or ``s3://``)."""
+    if not storage.is_remote(uri):
+        read_evaluator_meta(Path(uri))
+        return Path(uri)
+    remote_meta = json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{META}", storage_options))
+    digest = remote_meta.get("files", {}).get(WEIGHTS, {}).get("sha256", "")
+    local = Path(tempfile.gettempdir()) / "cfgd-evaluators" / hashlib.sha256(
+        f"{uri}|{digest}".encode()).hexdigest()[:24]
+    try:
+        read_evaluator_meta(local)
+        return local
+    except ValueError:
+        shutil.rmtree(local, ignore_errors=True)
+    storage.download_dir(uri, str(local), storage_options)
+    read_evaluator_meta(local)
+    return local
+
+
+# ------------------------------------------------------------------------ training
+
+
+@torch.inference_mode()
+def accuracy_of(net: EvalNet, images: torch.Tensor, labels: np.ndarray, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``net`` (eval mode) on images (N, C, H, W), labels (N,), computed directly."""
+    net.eval()
+    preds = torch.cat([net(images[lo:lo + batch_size]).argmax(1) for lo in range(0, len(images), batch_size)])
+    return float((preds.numpy() == np.asarray(labels)).mean())
+
+
+def train_evaluator(cfg: EvaluatorConfig, log=print) -> tuple[Evaluator, str]:
+    """Train the classifier on ``<data_root>/train``, measure it on ``<data_root>/test``, save it.
+
+    Returns the evaluator (eval mode) and where it was written.
+    """
+    validate_evaluator_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    storage.check_access(cfg.out, cfg.storage, write=True)
+    t0 = time.perf_counter()
+    x_train, y_train, meta = load_split(cfg.data_root, "train", cfg.storage, cfg.max_train_rows)
+    x_test, y_test, test_meta = load_split(cfg.data_root, "test", cfg.storage)
+    if test_meta.class_names != meta.class_names:
+        raise ValueError(f"{cfg.data_root}: train and test splits name different classes")
+    log(f"[cfgd.evaluator] data {cfg.data_root}: train {len(y_train)}, test {len(y_test)} images "
+        f"{tuple(x_train.shape[1:])}, {meta.num_classes} classes ({time.perf_counter() - t0:.1f}s)")
+    torch.manual_seed(cfg.seed)
+    net = EvalNet(meta.channels, meta.num_classes, cfg.widths, cfg.feature_dim)
+    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One-cycle: a short warm-up then cosine decay converges in the 1-2 epochs a CPU affords.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
+    g = torch.Generator().manual_seed(cfg.seed)
+    y_train_t = torch.from_numpy(y_train)
+    step, t1 = 0, time.perf_counter()
+    while step < total:
+        net.train()
+        perm = torch.randperm(len(y_train), generator=g)
+        for lo in range(0, len(perm), cfg.batch_size):
+            idx = perm[lo:lo + cfg.batch_size]
+            if len(idx) < 2 or step >= total:
+                break
+            loss = F.cross_entropy(net(x_train[idx]), y_train_t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 100 == 0 or step == total:
+                log(f"[cfgd.evaluator] step {step}/{total} loss {loss.item():.4f} "
+                    f"({time.perf_counter() - t1:.0f}s)")
+    net.eval()
+    test_acc = accuracy_of(net, x_test, y_test)
+    log(f"[cfgd.evaluator] test accuracy {test_acc:.4f} on {len(y_test)} images "
+        f"after {step} steps ({time.perf_counter() - t1:.0f}s training)")
+    meta_out = {
+        "arch": {"name": "EvalNet", "in_channels": meta.channels, "num_classes": meta.num_classes,
+                 "widths": list(cfg.widths), "feature_dim": cfg.feature_dim, "pool": EvalNet.POOL},
+        "image_shape": [meta.channels, meta.height, meta.width],
+        "input_range": [-1.0, 1.0],
+        "class_names": meta.class_names,
+        "test_accuracy": test_acc,
+        "test_rows": int(len(y_test)),
+        "train_rows": int(len(y_train)),
+        "steps": step,
+        "data_root": cfg.data_root,
+        "config": masked(OmegaConf.to_container(OmegaConf.structured(cfg))),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    where = write_evaluator(cfg.out, net, meta_out, cfg.storage, overwrite=cfg.overwrite)
+    log(f"[cfgd.evaluator] saved to {where}")
+    return Evaluator.load(cfg.out, cfg.storage), where
+
+
+# ------------------------------------------------------------------------ InceptionV3 (optional)
+
+
+class InceptionFeatures:
+    """InceptionV3 pool features (2048-d) from a user-supplied TorchScript file (optional, untested).
+
+    Expects the TorchScript export used by clean-fid / StyleGAN3's metrics
+    (``inception-2015-12-05.pt``): called as ``model(x, return_features=True)`` on
+    float images (N, 3, H, W) in [0, 255], it resizes to 299×299 itself. Nothing is
+    downloaded: pass the path of a file you obtained. Grayscale images are repeated
+    to 3 channels.
+    """
+
+    def __init__(self, weights_path: str):
+        if not Path(weights_path).is_file():
+            raise ValueError(f"InceptionV3 weights file {weights_path!r} does not exist")
+        self.model = torch.jit.load(weights_path, map_location="cpu").eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, batch_size: int = 100) -> np.ndarray:
+        """images float (N, C, H, W) in [-1, 1], C ∈ {1, 3} → (N, 2048) float64."""
+        out = []
+        for lo in range(0, len(images), batch_size):
+            x = (images[lo:lo + batch_size].clamp(-1, 1) + 1) * 127.5
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            out.append(self.model(x, return_features=True).double())
+        return torch.cat(out).numpy()
+
+
+def inception_fid(images_a: torch.Tensor, images_b: torch.Tensor, weights_path: str) -> float:
+    """FID in InceptionV3 feature space (the number papers report); optional, not tested here."""
+    net = InceptionFeatures(weights_path)
+    return fid(net(images_a), net(images_b))

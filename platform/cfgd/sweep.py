@@ -1,0 +1,595 @@
+"""Guidance sweeps: sample quality against w (and steps, eta, guidance interval, checkpoint).
+
+For every grid point the sweep draws ``samples_per_w`` samples: sample i has class
+``i mod num_classes`` and seed ``seed + i`` at *every* grid point (common random
+numbers), so two points differ only by their settings, not by their noise. Rows of
+different w (and interval) share one ``Generator.sample`` call through the per-row
+w; chunks of rows run as tasks on Ray actors that load each checkpoint once.
+
+Output layout under ``out`` (a local directory or ``s3://``)::
+
+    points/<id>.json             metrics of one grid point (written last: marks it done)
+    points/<id>.samples.parquet  its samples: index, label, seed, w, guidance_scale, pred, image (PNG)
+    points/floor-<id>.json       real held-out half vs the other half (the floor)
+    table.parquet, table.csv     one row per grid point + the floor row
+    plot.png                     FID vs w, accuracy and IS vs w, FID vs IS
+    grid.png                     rows = w, columns = the same seeds (first non-w setting);
+    grids/<group>.png            one per other setting when there are several
+    sweep.json                   resolved config (secrets masked), grid, counts, timing
+
+A point's id hashes everything that determines its numbers (checkpoint weights,
+sampler settings, w, sample count, seed, evaluator weights, real data), so a rerun
+with the same ``out`` skips the points already done and a changed setting never
+reuses a stale result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from cfgd import storage
+from cfgd.checkpoint import fetch_checkpoint, read_meta as read_checkpoint_meta
+from cfgd.config import ConfigError, SPACINGS, masked
+from cfgd.data import decode_png, encode_png
+from cfgd.evaluate import Evaluator, RealSplit, compute_metrics, load_split
+from cfgd.generate import Generator, make_grid, to_uint8
+from cfgd.sampling import ddim_timesteps
+from cfgd.storage import StorageOptions
+
+DEFAULT_W = [0.0, 0.5, 1.0, 2.0, 4.0]
+TABLE_COLUMNS = ["kind", "checkpoint", "checkpoint_step", "steps", "eta", "interval_lo", "interval_hi", "w",
+                 "guidance_scale", "fid", "inception_score", "inception_score_std", "accuracy", "precision",
+                 "recall", "n_samples", "seconds", "samples_per_s", "point_id"]
+
+
+@dataclass
+class SweepConfig:
+    """``jobs/sweep.py``: every key is top level (``w=[0,1]``, ``steps=25``), storage under ``storage.``.
+
+    ``checkpoint``, ``steps``, ``eta`` and ``interval`` take one value or a list of
+    values; each list is one more grid dimension.
+    """
+
+    checkpoint: Any = ""  # checkpoint or run dir (path or s3://), or a list of them
+    evaluator: str = ""  # evaluator checkpoint from jobs/train_evaluator.py (path or s3://)
+    out: str = ""  # where results go (path or s3://); "" = outputs/sweeps/<first checkpoint's name>
+    data_root: str = ""  # real images (Parquet shards); "" = the first checkpoint's data.root
+    real_split: str = "test"
+    w: Optional[list[float]] = None  # guidance strengths, paper form; default [0, 0.5, 1, 2, 4]
+    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
+    samples_per_w: int = 500  # samples per grid point; sample i has class i mod num_classes
+    steps: Any = 25  # DDIM steps: an int or a list
+    eta: Any = 0.0  # DDIM eta: a float or a list
+    interval: Any = None  # guidance interval [t_lo, t_hi] in 1..T, null = everywhere, or a list of them
+    spacing: str = "trailing"
+    use_ema: bool = True
+    seed: int = 0  # sample i uses seed + i at every grid point
+    k: int = 3  # neighbourhood size of precision/recall
+    is_splits: int = 1  # Inception Score splits
+    chunk_size: int = 100  # rows per Ray task (mixed w)
+    num_workers: int = 0  # sampling actors; 0 = as many as the free CPUs allow
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 0  # torch threads per actor; 0 = max(1, cpus_per_worker)
+    ray_address: str = ""  # "" = join RAY_ADDRESS or start a local Ray; "auto" / host:port = a cluster
+    num_cpus: int = 0  # CPUs of a local Ray started here (0 = all)
+    grid_columns: int = 20  # samples per row of the sample grid
+    grid_zoom: int = 2  # pixel magnification of the grid image
+    progress: bool = True  # tqdm bar over the whole sweep
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+# ------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    checkpoint: str
+    steps: int
+    eta: float
+    interval: Optional[tuple[int, int]]
+    w: float
+
+    @property
+    def group(self) -> tuple:
+        """Everything but w: rows of one group go into one grid image and one plot line."""
+        return (self.checkpoint, self.steps, self.eta, self.interval)
+
+
+def _listify(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _intervals(value: Any) -> list[Optional[tuple[int, int]]]:
+    """null → [None]; [lo, hi] → [(lo, hi)]; [[lo, hi], null, ...] → several."""
+    if value is None:
+        return [None]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        value = [value]
+    out = []
+    for v in _listify(value):
+        if v is None:
+            out.append(None)
+            continue
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) for b in v)
+                and int(v[0]) <= int(v[1])):
+            raise ConfigError(f"interval={value!r} is not valid; use null, [t_lo, t_hi] with t_lo <= t_hi, "
+                              f"or a list of those")
+        out.append((int(v[0]), int(v[1])))
+    return out
+
+
+def sweep_axes(cfg: SweepConfig) -> dict[str, list]:
+    """The grid dimensions after validation: checkpoints, steps, etas, intervals, ws."""
+    if cfg.w is not None and cfg.guidance_scale is not None:
+        raise ConfigError("give w or guidance_scale, not both (guidance_scale = 1 + w)")
+    ws = [float(v) for v in (cfg.w if cfg.w is not None else
+                             [g - 1 for g in cfg.guidance_scale] if cfg.guidance_scale is not None else DEFAULT_W)]
+    checkpoints = [str(c) for c in _listify(cfg.checkpoint) if str(c)]
+    if not checkpoints:
+        raise ConfigError("checkpoint is required: a checkpoint or run directory (or a list of them)")
+    if not cfg.evaluator:
+        raise ConfigError("evaluator is required: an evaluator checkpoint (train one with jobs/train_evaluator.py)")
+    try:
+        steps = [int(s) for s in _listify(cfg.steps)]
+        etas = [float(e) for e in _listify(cfg.eta)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"steps={cfg.steps!r} / eta={cfg.eta!r}: need a number or a list of numbers") from None
+    checks = [
+        ("w", ws and len(set(ws)) == len(ws) and all(math.isfinite(v) for v in ws), "a list of distinct numbers"),
+        ("steps", steps and all(s >= 1 for s in steps), "an int >= 1 or a list of them"),
+        ("eta", etas and all(e >= 0 for e in etas), "a number >= 0 or a list of them"),
+        ("samples_per_w", cfg.samples_per_w >= 2, ">= 2"),
+        ("k", 1 <= cfg.k < cfg.samples_per_w, "in [1, samples_per_w)"),
+        ("is_splits", 1 <= cfg.is_splits <= cfg.samples_per_w, "in [1, samples_per_w]"),
+        ("chunk_size", cfg.chunk_size >= 1, ">= 1"),
+        ("num_workers", cfg.num_workers >= 0, ">= 0"),
+        ("cpus_per_worker", cfg.cpus_per_worker > 0, "> 0"),
+        ("grid_columns", cfg.grid_columns >= 1, ">= 1"),
+        ("grid_zoom", cfg.grid_zoom >= 1, ">= 1"),
+    ]
+    for name, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
+    if cfg.spacing not in SPACINGS:
+        raise ConfigError(f"spacing={cfg.spacing!r} is not valid; choose one of {list(SPACINGS)}")
+    return {"checkpoint": checkpoints, "steps": steps, "eta": etas, "interval": _intervals(cfg.interval), "w": ws}
+
+
+def grid_points(axes: dict[str, list]) -> list[GridPoint]:
+    """The product of the axes, w varying fastest."""
+    return [GridPoint(c, s, e, i, w) for c, s, e, i, w in
+            itertools.product(axes["checkpoint"], axes["steps"], axes["eta"], axes["interval"], axes["w"])]
+
+
+def sample_rows(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, seeds) of the n samples every grid point draws: class i mod C, seed + i."""
+    i = np.arange(n, dtype=np.int64)
+    return i % num_classes, seed + i
+
+
+def row_cost(w: float, interval: Optional[tuple[int, int]], timesteps: list[int]) -> int:
+    """Network rows one sample costs: 2 per step where it is guided, 1 elsewhere (w = 0 or −1: 1)."""
+    if w in (0.0, -1.0):
+        return len(timesteps)
+    lo, hi = interval if interval is not None else (-math.inf, math.inf)
+    return sum(2 if lo <= t <= hi else 1 for t in timesteps)
+
+
+# ------------------------------------------------------------------ Ray workers
+
+
+class SampleWorker:
+    """A Ray actor: loads each checkpoint once and samples chunks of mixed-w rows."""
+
+    def __init__(self, storage_options: StorageOptions, threads: int, use_ema: bool):
+        # Ray sets OMP_NUM_THREADS=1 in workers: choose the thread count deliberately.
+        torch.set_num_threads(threads)
+        self.storage_options = storage_options
+        self.use_ema = use_ema
+        self.generators: dict[str, Generator] = {}
+
+    def sample(self, task: dict) -> dict:
+        """task: checkpoint, labels, seeds, w, interval_lo/hi (±inf = none), steps, eta, spacing.
+
+        Returns {"task": id, "images": uint8 (B, H, W, C), "seconds": sampling time}.
+        """
+        ck = task["checkpoint"]
+        if ck not in self.generators:
+            self.generators[ck] = Generator.load(ck, use_ema=self.use_ema, storage=self.storage_options)
+        lo, hi = np.asarray(task["interval_lo"]), np.asarray(task["interval_hi"])
+        interval = None if np.isinf(lo).all() and np.isinf(hi).all() else (torch.from_numpy(lo), torch.from_numpy(hi))
+        t0 = time.perf_counter()
+        images = self.generators[ck].sample(task["labels"], task["seeds"], task["w"], steps=task["steps"],
+                                            eta=task["eta"], spacing=task["spacing"], interval=interval,
+                                            batch_size=len(task["labels"]))
+        return {"task": task["id"], "images": to_uint8(images), "seconds": time.perf_counter() - t0}
+
+
+def _init_ray(cfg: SweepConfig):
+    import ray
+
+    if not ray.is_initialized():
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            ray.init(address=address, logging_level="warning")
+        else:
+            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level="warning")
+    return ray
+
+
+# ------------------------------------------------------------------ storage helpers
+
+
+class _Out:
+    """Reads and writes under the sweep's output location (local or s3://)."""
+
+    def __init__(self, uri: str, opts: StorageOptions):
+        self.uri, self.opts = uri.rstrip("/"), opts
+        self.fs = storage.fsspec_fs(uri, opts)
+
+    def path(self, rel: str) -> str:
+        return f"{self.uri}/{rel}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(storage.arrow_path(self.path(rel)))
+
+    def write(self, rel: str, data: bytes) -> str:
+        storage.write_bytes_atomic(self.path(rel), data, self.opts)
+        return self.path(rel)
+
+    def read(self, rel: str) -> bytes:
+        return storage.read_bytes(self.path(rel), self.opts)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _csv_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+@dataclass
+class CheckpointInfo:
+    uri: str  # what workers load (the resolved local directory for local checkpoints)
+    sha256: str
+    step: int
+    num_classes: int
+    shape: tuple[int, int, int]
+    timesteps: int
+    data_root: str
+
+
+def _checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
+    local = fetch_checkpoint(uri, opts)
+    meta = read_checkpoint_meta(local)
+    m = meta["model"]
+    weights = "ema.safetensors" if use_ema else "model.safetensors"
+    # Local: pin the resolved checkpoint so a newer one arriving mid-sweep is not mixed in.
+    return CheckpointInfo(uri=uri if storage.is_remote(uri) else str(local), sha256=meta["files"][weights]["sha256"],
+                          step=int(meta["step"]), num_classes=int(m["num_classes"]),
+                          shape=(int(m["in_channels"]), int(m["image_size"]), int(m["image_size"])),
+                          timesteps=int(meta["config"]["diffusion"]["timesteps"]),
+                          data_root=str(meta["config"].get("data", {}).get("root", "")))
+
+
+@dataclass
+class SweepResult:
+    out: str
+    rows: list[dict]  # the table (grid points in grid order, then the floor)
+    computed: list[str]  # ids of points sampled by this run
+    skipped: list[str]  # ids of points found done and reused
+    seconds: float
+    paths: dict[str, str]
+
+
+def _point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator, data_root: str) -> dict:
+    return {"checkpoint": p.checkpoint, "checkpoint_sha256": ck.sha256, "steps": p.steps, "eta": p.eta,
+            "interval": list(p.interval) if p.interval else None, "w": p.w, "spacing": cfg.spacing,
+            "use_ema": cfg.use_ema, "samples_per_w": cfg.samples_per_w, "seed": cfg.seed,
+            "evaluator_sha256": ev.sha256, "data_root": data_root, "real_split": cfg.real_split,
+            "k": cfg.k, "is_splits": cfg.is_splits}
+
+
+def _tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[str, CheckpointInfo],
+           cfg: SweepConfig) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    """Chunks of rows (sample-major, so each chunk mixes every missing w of its group).
+
+    Returns the tasks and, per task, each point's share of its network cost (to
+    attribute the task's time to points).
+    """
+    tasks, shares = [], {}
+    by_group: dict[tuple, list[GridPoint]] = {}
+    for p in missing:
+        by_group.setdefault((p.checkpoint, p.steps, p.eta), []).append(p)
+    for (ck_uri, steps, eta), points in by_group.items():
+        info = infos[ck_uri]
+        labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+        ts = ddim_timesteps(info.timesteps, steps, cfg.spacing)
+        rows = [(i, p) for i in range(cfg.samples_per_w) for p in points]
+        for lo in range(0, len(rows), cfg.chunk_size):
+            chunk = rows[lo:lo + cfg.chunk_size]
+            tid = f"t{len(tasks)}"
+            cost: dict[str, float] = {}
+            for _, p in chunk:
+                cost[ids[p]] = cost.get(ids[p], 0.0) + row_cost(p.w, p.interval, ts)
+            total = sum(cost.values())
+            shares[tid] = {k: v / total for k, v in cost.items()}
+            tasks.append({
+                "id": tid, "checkpoint": info.uri, "steps": steps, "eta": eta, "spacing": cfg.spacing,
+                "labels": [int(labels[i]) for i, _ in chunk], "seeds": [int(seeds[i]) for i, _ in chunk],
+                "w": [p.w for _, p in chunk],
+                "interval_lo": [float(p.interval[0]) if p.interval else -math.inf for _, p in chunk],
+                "interval_hi": [float(p.interval[1]) if p.interval else math.inf for _, p in chunk],
+                "rows": [(ids[p], i) for i, p in chunk],
+            })
+    return tasks, shares
+
+
+def _samples_table(images: np.ndarray, labels: np.ndarray, seeds: np.ndarray, w: float,
+                   preds: np.ndarray) -> pa.Table:
+    n = len(labels)
+    return pa.table({
+        "index": pa.array(np.arange(n, dtype=np.int64)), "label": pa.array(labels.astype(np.int64)),
+        "seed": pa.array(seeds.astype(np.int64)), "w": pa.array(np.full(n, w)),
+        "guidance_scale": pa.array(np.full(n, 1 + w)), "pred": pa.array(preds.astype(np.int64)),
+        "image": pa.array([encode_png(im) for im in images], type=pa.binary()),
+    })
+
+
+def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """Run (or finish) the sweep described by ``cfg``; see the module docstring for outputs."""
+    t_start = time.perf_counter()
+    axes = sweep_axes(cfg)
+    opts = cfg.storage
+    infos = {uri: _checkpoint_info(uri, opts, cfg.use_ema) for uri in axes["checkpoint"]}
+    evaluator = Evaluator.load(cfg.evaluator, opts)
+    for uri, info in infos.items():
+        if info.shape != evaluator.image_shape or info.num_classes != len(evaluator.class_names):
+            raise ValueError(f"checkpoint {uri} makes {info.num_classes} classes of images {info.shape}, but "
+                             f"evaluator {cfg.evaluator} was trained on {len(evaluator.class_names)} classes of "
+                             f"{evaluator.image_shape}")
+        for s in axes["steps"]:
+            if s > info.timesteps:
+                raise ConfigError(f"steps={s} exceeds checkpoint {uri}'s {info.timesteps} timesteps")
+    data_root = cfg.data_root or infos[axes["checkpoint"][0]].data_root
+    if not data_root:
+        raise ConfigError("data_root is required: the checkpoint does not name its data")
+    out_uri = cfg.out or os.path.join("outputs", "sweeps", axes["checkpoint"][0].rstrip("/").rsplit("/", 1)[-1])
+    storage.check_access(out_uri, opts, write=True)
+    out = _Out(out_uri, opts)
+
+    points = grid_points(axes)
+    keys = {p: _point_key(p, infos[p.checkpoint], cfg, evaluator, data_root) for p in points}
+    ids = {p: _digest(keys[p]) for p in points}
+    done = {p for p in points if out.exists(f"points/{ids[p]}.json")}
+    missing = [p for p in points if p not in done]
+    floor_id = "floor-" + _digest({"evaluator_sha256": evaluator.sha256, "data_root": data_root,
+                                    "real_split": cfg.real_split, "n": cfg.samples_per_w, "seed": cfg.seed,
+                                    "k": cfg.k, "is_splits": cfg.is_splits})
+    need_floor = not out.exists(f"points/{floor_id}.json")
+    log(f"[cfgd.sweep] {len(points)} grid points ({len(done)} already done) × {cfg.samples_per_w} samples → {out_uri}")
+
+    if missing or need_floor:
+        real_x, real_y, _ = load_split(data_root, cfg.real_split, opts)
+        real = RealSplit.of(evaluator.embed(real_x), real_y, seed=cfg.seed)
+        log(f"[cfgd.sweep] real {data_root}/{cfg.real_split}: {len(real_y)} images, evaluator "
+            f"{cfg.evaluator} (test accuracy {evaluator.test_accuracy:.4f})")
+    if need_floor:
+        n = min(cfg.samples_per_w, len(real.held_out))
+        floor = {"id": floor_id, "kind": "real_floor", "n_samples": n,
+                 "metrics": real.floor(n, cfg.k, cfg.is_splits)}
+        out.write(f"points/{floor_id}.json", json.dumps(floor, indent=2).encode())
+
+    if missing:
+        _sample_points(cfg, missing, ids, keys, infos, evaluator, real, out, log)
+
+    rows = [_table_row(json.loads(out.read(f"points/{ids[p]}.json")), p, infos[p.checkpoint]) for p in points]
+    floor = json.loads(out.read(f"points/{floor_id}.json"))
+    rows.append({**{c: None for c in TABLE_COLUMNS}, **floor["metrics"], "kind": "real_floor",
+                 "n_samples": floor["n_samples"], "point_id": floor_id})
+    table = pa.Table.from_pylist([{c: r.get(c) for c in TABLE_COLUMNS} for r in rows])
+    paths = {"table_parquet": out.write("table.parquet", _parquet_bytes(table)),
+             "table_csv": out.write("table.csv", _csv_bytes(table)),
+             "plot": out.write("plot.png", plot_sweep(rows))}
+    paths.update(_write_grids(out, points, ids, cfg.grid_columns, cfg.grid_zoom))
+    seconds = time.perf_counter() - t_start
+    summary = {"config": masked(_config_dict(cfg)), "out": out_uri, "data_root": data_root,
+               "evaluator_sha256": evaluator.sha256, "points": {ids[p]: keys[p] for p in points},
+               "computed": [ids[p] for p in missing], "skipped": [ids[p] for p in points if p in done],
+               "seconds": seconds}
+    paths["summary"] = out.write("sweep.json", json.dumps(summary, indent=2, default=str).encode())
+    log(f"[cfgd.sweep] done in {seconds:.1f}s: {len(missing)} points sampled, {len(done)} skipped; "
+        f"table {paths['table_csv']}, plot {paths['plot']}, grid {paths['grid']}")
+    return SweepResult(out_uri, rows, [ids[p] for p in missing], [ids[p] for p in points if p in done],
+                       seconds, paths)
+
+
+def _config_dict(cfg: SweepConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def _sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoint, str], keys: dict[GridPoint, dict],
+                   infos: dict[str, CheckpointInfo], evaluator: Evaluator, real: RealSplit, out: _Out,
+                   log: Callable[[str], None]) -> None:
+    """Sample the missing points on Ray actors; evaluate and store each point as it completes."""
+    ray = _init_ray(cfg)
+    from ray.util import ActorPool
+
+    tasks, shares = _tasks(missing, ids, infos, cfg)
+    free = ray.available_resources().get("CPU", 0.0)
+    n_workers = cfg.num_workers or max(1, int(free // cfg.cpus_per_worker))
+    n_workers = min(n_workers, len(tasks))
+    threads = cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker))
+    # SPREAD: on a multi-node cluster the actors land on different nodes (no effect on one node).
+    actor_cls = ray.remote(SampleWorker).options(num_cpus=cfg.cpus_per_worker, scheduling_strategy="SPREAD")
+    actors = [actor_cls.remote(cfg.storage, threads, cfg.use_ema) for _ in range(n_workers)]
+    log(f"[cfgd.sweep] {sum(len(t['labels']) for t in tasks)} rows in {len(tasks)} tasks on {n_workers} "
+        f"actors ({cfg.cpus_per_worker} CPU, {threads} threads each)")
+    n = cfg.samples_per_w
+    by_id = {ids[p]: p for p in missing}
+    shape = infos[missing[0].checkpoint].shape
+    buffers = {pid: np.zeros((n, shape[1], shape[2], shape[0]), np.uint8) for pid in by_id}
+    remaining = {pid: n for pid in by_id}
+    seconds = {pid: 0.0 for pid in by_id}
+    rows_of = {t["id"]: t["rows"] for t in tasks}
+    bar = tqdm(total=sum(len(t["labels"]) for t in tasks), desc="sweep", unit="sample", disable=not cfg.progress)
+    try:
+        for res in ActorPool(actors).map_unordered(lambda a, t: a.sample.remote(t), tasks):
+            for (pid, i), img in zip(rows_of[res["task"]], res["images"]):
+                buffers[pid][i] = img
+                remaining[pid] -= 1
+            for pid, share in shares[res["task"]].items():
+                seconds[pid] += share * res["seconds"]
+            bar.update(len(res["images"]))
+            for pid in [pid for pid, left in remaining.items() if left == 0]:
+                p = by_id[pid]
+                _finish_point(p, pid, keys[p], buffers.pop(pid), seconds[pid], infos[p.checkpoint], evaluator,
+                              real, cfg, out)
+                del remaining[pid]
+                bar.set_postfix_str(f"{len(by_id) - len(remaining)}/{len(by_id)} points", refresh=False)
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+
+
+def _finish_point(p: GridPoint, pid: str, key: dict, images: np.ndarray, seconds: float, info: CheckpointInfo,
+                  evaluator: Evaluator, real: RealSplit, cfg: SweepConfig, out: _Out) -> None:
+    labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+    # Samples are scored as the uint8 images they are stored as, like the real data.
+    emb = evaluator.embed(images)
+    metrics = compute_metrics(emb, labels, real.reference, real.pr_reference(len(labels)), cfg.k, cfg.is_splits)
+    out.write(f"points/{pid}.samples.parquet",
+              _parquet_bytes(_samples_table(images, labels, seeds, p.w, emb.probs.argmax(1))))
+    record = {"id": pid, "kind": "generated", "key": key, "metrics": metrics, "n_samples": len(labels),
+              "seconds": seconds, "samples_per_s": len(labels) / seconds if seconds > 0 else None}
+    out.write(f"points/{pid}.json", json.dumps(record, indent=2).encode())  # last: marks the point done
+
+
+def _table_row(record: dict, p: GridPoint, info: CheckpointInfo) -> dict:
+    return {**record["metrics"], "kind": "generated", "checkpoint": p.checkpoint, "checkpoint_step": info.step,
+            "steps": p.steps, "eta": p.eta, "interval_lo": p.interval[0] if p.interval else None,
+            "interval_hi": p.interval[1] if p.interval else None, "w": p.w, "guidance_scale": 1 + p.w,
+            "n_samples": record["n_samples"], "seconds": record["seconds"],
+            "samples_per_s": record["samples_per_s"], "point_id": record["id"]}
+
+
+# ------------------------------------------------------------------ pictures
+
+
+def _group_name(group: tuple) -> str:
+    ck, steps, eta, interval = group
+    name = ck.rstrip("/").rsplit("/", 1)[-1]
+    iv = f"_t{interval[0]}-{interval[1]}" if interval else ""
+    return f"{name}_steps{steps}_eta{eta:g}{iv}"
+
+
+def labelled_grid(images: np.ndarray, row_labels: list[str], cols: int, zoom: int = 2) -> Image.Image:
+    """make_grid of uint8 (rows·cols, H, W, C) images, magnified ``zoom``×, with a label left of each row."""
+    grid = make_grid(images, rows=len(row_labels), cols=cols).convert("RGB")
+    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
+    margin, row_h = 48, (images.shape[1] + 6) * zoom  # make_grid's default gap is 6 px
+    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(row_labels):
+        draw.text((2, r * row_h + max(0, images.shape[1] * zoom // 2 - 6)), text, fill="black")
+    return canvas
+
+
+def _write_grids(out: _Out, points: list[GridPoint], ids: dict[GridPoint, str], columns: int,
+                 zoom: int) -> dict[str, str]:
+    """grid.png for the first group (rows = w, the same seeds in every row), grids/* for every group."""
+    groups: dict[tuple, list[GridPoint]] = {}
+    for p in points:
+        groups.setdefault(p.group, []).append(p)
+    paths = {}
+    for gi, (group, members) in enumerate(groups.items()):
+        images, seeds = [], None
+        for p in members:
+            t = pq.read_table(io.BytesIO(out.read(f"points/{ids[p]}.samples.parquet")), columns=["seed", "image"])
+            t = t.slice(0, columns)
+            s = t.column("seed").to_pylist()
+            assert seeds is None or s == seeds, "grid rows must share seeds"
+            seeds = s
+            images += [decode_png(b) for b in t.column("image").to_pylist()]
+        png = io.BytesIO()
+        labelled_grid(np.stack(images), [f"w={p.w:g}" for p in members], len(seeds), zoom).save(png, format="PNG")
+        if gi == 0:
+            paths["grid"] = out.write("grid.png", png.getvalue())
+        if len(groups) > 1:
+            paths[f"grid:{_group_name(group)}"] = out.write(f"grids/{_group_name(group)}.png", png.getvalue())
+    return paths
+
+
+def plot_sweep(rows: list[dict]) -> bytes:
+    """PNG: FID vs w; accuracy and IS vs w; FID vs IS (as in Ho & Salimans' Fig. 4). Floor dashed."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, Agg renders the PNG
+
+    gen = [r for r in rows if r["kind"] == "generated"]
+    floor = next((r for r in rows if r["kind"] == "real_floor"), None)
+    groups: dict[tuple, list[dict]] = {}
+    for r in gen:
+        key = (r["checkpoint"], r["steps"], r["eta"],
+               (r["interval_lo"], r["interval_hi"]) if r["interval_lo"] is not None else None)
+        groups.setdefault(key, []).append(r)
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    ax_fid, ax_acc, ax_tradeoff = fig.subplots(1, 3)
+    ax_is = ax_acc.twinx()
+    for gi, (key, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["w"])
+        w = [r["w"] for r in rs]
+        name = _group_name(key) if len(groups) > 1 else None
+        color = f"C{gi % 10}"
+        ax_fid.plot(w, [r["fid"] for r in rs], "o-", color=color, label=name)
+        ax_acc.plot(w, [r["accuracy"] for r in rs], "o-", color=color, label=name and f"accuracy {name}")
+        ax_is.plot(w, [r["inception_score"] for r in rs], "s--", color=color, alpha=0.6)
+        ax_tradeoff.plot([r["inception_score"] for r in rs], [r["fid"] for r in rs], "o-", color=color, label=name)
+        for r in rs:
+            ax_tradeoff.annotate(f"w={r['w']:g}", (r["inception_score"], r["fid"]), textcoords="offset points",
+                                 xytext=(4, 4), fontsize=8)
+    if floor is not None:
+        ax_fid.axhline(floor["fid"], color="gray", ls=":", label="real vs real (floor)")
+        ax_acc.axhline(floor["accuracy"], color="gray", ls=":", label="real data accuracy")
+        ax_is.axhline(floor["inception_score"], color="gray", ls="-.", alpha=0.5)
+        ax_tradeoff.plot([floor["inception_score"]], [floor["fid"]], "k*", ms=10, label="real vs real")
+    ax_fid.set(xlabel="guidance strength w", ylabel="FID (evaluator features)", title="FID vs w")
+    ax_acc.set(xlabel="guidance strength w", ylabel="conditional accuracy (o-)", title="accuracy and IS vs w")
+    ax_is.set_ylabel("Inception Score (s--)")
+    ax_tradeoff.set(xlabel="Inception Score", ylabel="FID", title="FID vs IS (trade-off)")
+    for ax in (ax_fid, ax_acc, ax_tradeoff):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()

@@ -1,0 +1,125 @@
+"""A tiny guidance sweep on the local Ray: tables, plot, grid, common seeds, resume by skipping."""
+
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cfgd.checkpoint import write_checkpoint
+from cfgd.config import ConfigError, load_config, to_dict
+from cfgd.data import decode_png
+from cfgd.generate import Generator, to_uint8
+from cfgd.model import ModelSpec, build_model
+from cfgd.sweep import SweepConfig, grid_points, row_cost, run_sweep, sweep_axes
+from test_evaluate import make_digits_shards, make_tiny_evaluator
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    digits = make_digits_shards(root / "digits")
+    evaluator = make_tiny_evaluator(digits, root / "evaluator", steps=40)
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
+    with torch.no_grad():  # a fresh net predicts 0 (zero-init outputs): make labels matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = load_config(None, ["diffusion.timesteps=100", f"data.root={digits}"])
+    ckpt = write_checkpoint(root / "run" / "checkpoint_a", model_state=model.state_dict(),
+                            ema_state=model.state_dict(), optimizer_state=None, spec=model.spec,
+                            label_names=[str(i) for i in range(10)], step=5, epoch=0, config=to_dict(cfg))
+    return {"root": root, "checkpoint": ckpt, "evaluator": evaluator}
+
+
+def _cfg(setup, out, w, **kw):
+    return SweepConfig(checkpoint=str(setup["root"] / "run"), evaluator=evaluator_path(setup), out=str(out), w=w,
+                       samples_per_w=20, steps=4, seed=7, chunk_size=10, num_workers=2, cpus_per_worker=0.5,
+                       grid_columns=10, progress=False, **kw)
+
+
+def evaluator_path(setup):
+    return setup["evaluator"].path
+
+
+def _samples(out, pid):
+    return pq.read_table(out / "points" / f"{pid}.samples.parquet")
+
+
+def test_tiny_sweep_writes_outputs_and_a_rerun_skips_done_points(ray_local, setup, tmp_path):
+    out = tmp_path / "sweep"
+    first = run_sweep(_cfg(setup, out, [0.0, 2.0]), log=lambda _: None)
+    assert len(first.computed) == 2 and first.skipped == []
+
+    table = pq.read_table(out / "table.parquet").to_pylist()
+    csv = pacsv.read_csv(out / "table.csv").to_pylist()
+    assert [r["kind"] for r in table] == ["generated", "generated", "real_floor"] and len(csv) == 3
+    gen = table[:2]
+    assert [r["w"] for r in gen] == [0.0, 2.0] and [r["guidance_scale"] for r in gen] == [1.0, 3.0]
+    for r in gen:
+        assert r["n_samples"] == 20 and r["seconds"] > 0 and r["samples_per_s"] > 0
+        assert np.isfinite(r["fid"]) and r["fid"] >= 0 and 1 <= r["inception_score"] <= 10
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert csv[1]["fid"] == pytest.approx(gen[1]["fid"])
+    floor = table[2]
+    assert floor["n_samples"] == 20 and floor["w"] is None and floor["fid"] >= 0
+
+    plot = Image.open(out / "plot.png")
+    assert plot.format == "PNG" and plot.size[0] > 800
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (48 + 2 * (10 * (8 + 6) - 6), 2 * (2 * (8 + 6) - 6))  # rows = w, 10 seeds per row, zoom 2
+
+    # Common random numbers: every w used the same labels and seeds, in the same order.
+    a, b = (_samples(out, r["point_id"]) for r in gen)
+    assert a.column("seed").to_pylist() == b.column("seed").to_pylist() == list(range(7, 27))
+    assert a.column("label").to_pylist() == b.column("label").to_pylist() == [i % 10 for i in range(20)]
+    assert set(b.column("w").to_pylist()) == {2.0}
+    # A stored sample (sampled in a mixed-w chunk on a Ray actor) is the same image sampled alone.
+    alone = Generator.load(setup["checkpoint"]).sample([3], [10], w=2.0, steps=4)
+    stored = decode_png(b.column("image")[3].as_py())
+    assert np.abs(to_uint8(alone)[0].astype(int) - stored.astype(int)).max() <= 1
+
+    again = run_sweep(_cfg(setup, out, [0.0, 2.0]), log=lambda _: None)
+    assert again.computed == [] and sorted(again.skipped) == sorted(first.computed)
+    assert again.seconds < first.seconds
+    assert pq.read_table(out / "table.parquet").to_pylist() == table
+
+    # A new w is sampled with the same seeds; the done ones are reused.
+    wider = run_sweep(_cfg(setup, out, [0.0, 1.0, 2.0]), log=lambda _: None)
+    assert len(wider.computed) == 1 and sorted(wider.skipped) == sorted(first.computed)
+    new = _samples(out, wider.computed[0])
+    assert new.column("seed").to_pylist() == a.column("seed").to_pylist()
+    assert Image.open(out / "grid.png").size[1] == 2 * (3 * (8 + 6) - 6)
+
+
+def test_sweep_axes_and_validation():
+    cfg = SweepConfig(checkpoint=["a", "b"], evaluator="ev", w=[0, 1], steps=[5, 10], eta=0.5,
+                      interval=[None, [1, 50]])
+    axes = sweep_axes(cfg)
+    assert axes["interval"] == [None, (1, 50)] and axes["steps"] == [5, 10] and axes["eta"] == [0.5]
+    assert len(grid_points(axes)) == 2 * 2 * 1 * 2 * 2
+    assert sweep_axes(SweepConfig(checkpoint="a", evaluator="e", interval=[10, 20]))["interval"] == [(10, 20)]
+    assert sweep_axes(SweepConfig(checkpoint="a", evaluator="e", guidance_scale=[1, 3]))["w"] == [0.0, 2.0]
+    for bad, match in [(dict(w=[1], guidance_scale=[2]), "not both"), (dict(interval=[20, 10]), "interval"),
+                       (dict(steps=0), "steps"), (dict(samples_per_w=1), "samples_per_w"),
+                       (dict(spacing="odd"), "spacing"), (dict(evaluator=""), "evaluator")]:
+        with pytest.raises(ConfigError, match=match):
+            sweep_axes(SweepConfig(**{"checkpoint": "a", "evaluator": "e", **bad}))
+    ts = [100, 75, 50, 25]
+    assert row_cost(0.0, None, ts) == 4 and row_cost(2.0, None, ts) == 8 and row_cost(2.0, (50, 80), ts) == 6
+
+
+def test_sweep_job_parses_top_level_keys_and_rejects_unknown_ones(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sweep_job", Path(__file__).parents[1] / "jobs" / "sweep.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = job.parse(["checkpoint=ck", "evaluator=ev", "w=[0,0.5]", "samples_per_w=30", "steps=[10,20]", "seed=3"])
+    assert cfg.w == [0.0, 0.5] and cfg.steps == [10, 20] and cfg.seed == 3
+    with pytest.raises(SystemExit) as exc:
+        job.parse(["checkpoint=ck", "evaluator=ev", "samples=3"])
+    assert exc.value.code == 2 and "samples" in capsys.readouterr().err
