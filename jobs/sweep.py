@@ -15,7 +15,7 @@ import argparse
 
 from cfgd.cli import fail
 from cfgd.config import ConfigError
-from cfgd.evaluate import config_yaml, load_structured
+from cfgd.config import config_yaml, load_structured
 from cfgd.sweep import SweepConfig, run_sweep, sweep_axes
 
 

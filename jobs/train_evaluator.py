@@ -12,7 +12,8 @@ import argparse
 
 from cfgd.cli import fail
 from cfgd.config import ConfigError
-from cfgd.evaluate import EvaluatorConfig, config_yaml, load_structured, train_evaluator, validate_evaluator_config
+from cfgd.config import config_yaml, load_structured
+from cfgd.evaluate import EvaluatorConfig, train_evaluator, validate_evaluator_config
 
 
 def parse(argv=None) -> EvaluatorConfig:

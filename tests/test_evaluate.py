@@ -13,8 +13,9 @@ from sklearn.datasets import load_digits
 from cfgd.config import ConfigError
 from cfgd.data import write_shards
 from cfgd.evaluate import (EvaluatorConfig, Evaluator, RealSplit, accuracy_of, conditional_accuracy, fid,
-                           frechet_distance, inception_score, knn_radii, load_split, load_structured,
-                           precision_recall, train_evaluator)
+                           frechet_distance, inception_score, knn_radii, load_split, precision_recall,
+                           train_evaluator)
+from cfgd.config import load_structured
 from cfgd.storage import StorageOptions
 
 

@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -156,29 +156,36 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated.
+def load_structured(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
+    """Defaults of dataclass ``schema`` <- YAML file <- ``key=value`` overrides.
 
-    Raises ConfigError naming the key for unknown keys, wrong types and bad values.
+    Raises ConfigError naming the key for unknown keys and wrong types.
     """
-    base = OmegaConf.structured(Config)
     try:
-        layers = [base]
+        layers = [OmegaConf.structured(schema)]
         if path:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
             layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ConfigError(f"bad config key {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
-    return validate(cfg)
+        raise ConfigError(f"bad config key {key!r}: {getattr(err, 'msg', err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """The platform config: defaults <- YAML file <- overrides, validated (see load_structured)."""
+    return validate(load_structured(Config, path, overrides or ()))
+
+
+def config_yaml(cfg: Any) -> str:
+    """Any structured config as YAML with secrets masked (for logs and saved metadata)."""
+    return OmegaConf.to_yaml(OmegaConf.create(masked(OmegaConf.to_container(OmegaConf.structured(cfg)))))
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -205,7 +212,7 @@ def masked(data: Any) -> Any:
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(masked(to_dict(cfg))))
+    return config_yaml(cfg)
 
 
 def to_json(cfg: Config) -> str:

@@ -44,7 +44,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -80,34 +79,6 @@ class EvaluatorConfig:
     seed: int = 0
     overwrite: bool = False  # replace an evaluator already at ``out``
     storage: StorageOptions = field(default_factory=StorageOptions)
-
-
-def load_structured(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """Defaults of dataclass ``schema`` <- YAML file <- ``key=value`` overrides.
-
-    Same rules as :func:`cfgd.config.load_config`: unknown keys and wrong types raise
-    a ConfigError naming the key.
-    """
-    try:
-        layers = [OmegaConf.structured(schema)]
-        if path:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
-            layers.append(OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ConfigError(f"bad config key {key!r}: {getattr(err, 'msg', err)}") from None
-
-
-def config_yaml(cfg: Any) -> str:
-    """A structured config as YAML with secrets masked (for logs and saved metadata)."""
-    return OmegaConf.to_yaml(OmegaConf.create(masked(OmegaConf.to_container(OmegaConf.structured(cfg)))))
 
 
 def validate_evaluator_config(cfg: EvaluatorConfig) -> EvaluatorConfig:

@@ -1,0 +1,384 @@
+"""Serving on a real local Ray: Serve, HTTP on 127.0.0.1, the S3 test server. No mocks.
+
+One app (tiny 8x8 checkpoints, T = 100) is deployed once for the module; the
+autoscaling test deploys a second app next to it.
+"""
+
+import base64
+import concurrent.futures as cf
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+
+from cfgd import serving, storage
+from cfgd.checkpoint import write_checkpoint
+from cfgd.config import Config, to_dict
+from cfgd.data import decode_png
+from cfgd.model import ModelSpec, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # serve/ is a namespace package at the repo root
+
+APP = "cfgd-test"
+AUTOSCALE_APP = "cfgd-autoscale"
+LABELS = [f"digit{i}" for i in range(10)]
+T = 100
+BULK_PREFIX = "s3://cfgd-test/bulk/"
+
+
+def _tiny_checkpoint(directory: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
+    # A fresh net's zero output layer ignores labels: perturb every weight (a "trained" net).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = to_dict(Config())
+    config["diffusion"]["timesteps"] = T
+    path = write_checkpoint(directory, model_state=model.state_dict(), ema_state=model.state_dict(),
+                            optimizer_state=None, spec=model.spec, label_names=LABELS, step=seed, epoch=0,
+                            config=config)
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-ckpts")
+    return {"a": _tiny_checkpoint(root / "a", 1), "b": _tiny_checkpoint(root / "b", 2)}
+
+
+def _settings(checkpoints, s3, **over):
+    return {"checkpoints": checkpoints, "default_checkpoint": "a", "max_models_per_replica": 2,
+            "max_images": 16, "max_steps": 250, "default_steps": 5, "max_batch_size": 4,
+            # Long enough that two requests sent together always meet in one batch.
+            "batch_wait_timeout_s": 0.5, "output_prefix": BULK_PREFIX, "shard_size": 16,
+            "shard_num_cpus": 0.25, "max_bulk_images": 1000, "storage": asdict(s3.storage_options()), **over}
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, checkpoints, s3):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(_settings(checkpoints, s3)), name=APP, route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "settings": _settings(checkpoints, s3)}
+    finally:
+        serve.shutdown()
+        for app in (APP, AUTOSCALE_APP):  # our detached state actors, nobody else's
+            try:
+                ray_local.kill(ray_local.get_actor(serving.state_actor_name(app), namespace=serving.STATE_NAMESPACE))
+            except ValueError:
+                pass
+
+
+def _post(server, path, body, **kw):
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(server["url"] + path, data=data, headers={"Content-Type": "application/json"},
+                         timeout=kw.pop("timeout", 60), **kw)
+
+
+def _images(resp) -> list[bytes]:
+    assert resp.status_code == 200, resp.text
+    return [base64.b64decode(s) for s in resp.json()["images"]]
+
+
+def test_generate_returns_pngs_and_same_seed_same_bytes(server):
+    body = {"class_label": 3, "w": 2.0, "num_images": 3, "seed": 7, "steps": 5}
+    r = _post(server, "/generate", body)
+    imgs = _images(r)
+    meta = r.json()
+    assert len(imgs) == 3 and meta["seeds"] == [7, 8, 9] and meta["checkpoint"] == "a"
+    assert meta["label"] == 3 and meta["class_name"] == "digit3" and meta["guidance_scale"] == 3.0
+    assert all(decode_png(b).shape == (8, 8, 1) for b in imgs)
+    assert _images(_post(server, "/generate", body)) == imgs
+    # The same request spelled with class_name and guidance_scale is the same request.
+    same = {"class_name": "digit3", "guidance_scale": 3.0, "num_images": 3, "seed": 7, "steps": 5}
+    assert _images(_post(server, "/generate", same)) == imgs
+    # Image i uses seed + i: the second image is the first image of seed 8.
+    assert _images(_post(server, "/generate", {**body, "seed": 8, "num_images": 1}))[0] == imgs[1]
+    other = _images(_post(server, "/generate", {**body, "class_label": 4}))
+    assert other != imgs  # labels matter
+
+
+def test_concurrent_requests_share_one_batch_and_match_solo_results(server):
+    a = {"class_label": 1, "w": 0.5, "num_images": 2, "seed": 11, "steps": 5}
+    b = {"class_label": 7, "w": 4.0, "num_images": 1, "seed": 99, "steps": 5, "guidance_interval": [20, 80]}
+    _post(server, "/generate", a)  # warm: the batch below must not wait on anything else
+    before = requests.get(server["url"] + "/stats", timeout=30).json()
+    barrier = threading.Barrier(2)
+
+    def send(body):
+        barrier.wait()
+        return _post(server, "/generate", body)
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        ra, rb = pool.map(send, [a, b])
+    together_a, together_b = _images(ra), _images(rb)
+    after = requests.get(server["url"] + "/stats", timeout=30).json()
+    assert after["replica"] == before["replica"]
+    assert after["batches"] - before["batches"] == 1
+    assert after["requests"] - before["requests"] == 2
+    assert after["sample_calls"] - before["sample_calls"] == 1  # one Generator.sample for both
+    assert _images(_post(server, "/generate", a)) == together_a
+    assert _images(_post(server, "/generate", b)) == together_b
+
+
+def test_grid_format_is_one_png(server):
+    r = _post(server, "/generate", {"class_label": 2, "w": 1.0, "num_images": 4, "seed": 3, "format": "grid"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-seeds"] == "3,4,5,6"
+    grid = decode_png(r.content)
+    assert grid.shape == (2 * 8 + 6, 2 * 8 + 6, 1)  # 2x2 cells, 6 px gaps
+
+
+def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
+    good = {"class_label": 1, "w": 1.0, "seed": 1}
+    cases = [
+        ({"class_label": 10}, 422, "class_label"),
+        ({"class_label": -1}, 422, "class_label"),
+        ({"class_name": "cat"}, 422, "class_name"),
+        ({"w": 1.0}, 422, "class_label"),  # no class at all
+        ({**good, "class_name": "digit1"}, 422, "class_label"),  # both: "give class_label or class_name"
+        ({**good, "guidance_scale": 2.0}, 422, "w"),  # both: "give w or guidance_scale, not both"
+        ('{"class_label": 1, "w": NaN}', 422, "w"),
+        ('{"class_label": 1, "guidance_scale": Infinity}', 422, "guidance_scale"),
+        ({**good, "w": 20.5}, 422, "w"),
+        ({**good, "w": -1.5}, 422, "w"),
+        ({"class_label": 1, "guidance_scale": 0.5}, 200, None),  # w = -0.5 is inside [-1, 20]
+        ({"class_label": 1, "guidance_scale": -0.5}, 422, "guidance_scale"),
+        ({**good, "num_images": 17}, 422, "num_images"),
+        ({**good, "num_images": 0}, 422, "num_images"),
+        ({**good, "steps": T + 1}, 422, "steps"),
+        ({**good, "steps": 0}, 422, "steps"),
+        ({**good, "eta": -0.1}, 422, "eta"),
+        ({**good, "seed": -1}, 422, "seed"),
+        ({**good, "seed": "7"}, 422, "seed"),
+        ({**good, "class_label": 1.5}, 422, "class_label"),
+        ({**good, "checkpoint": "../../etc"}, 404, "checkpoint"),
+        ({**good, "guidance_interval": [50, 10]}, 422, "guidance_interval"),
+        ({**good, "guidance_interval": [1, T + 1]}, 422, "guidance_interval"),
+        ({**good, "format": "gif"}, 422, "format"),
+        ({**good, "spacing": "random"}, 422, "spacing"),
+        ({**good, "prompt": "a cat"}, 422, "prompt"),
+        ('{"class_label": 1,', 422, "body"),  # malformed JSON
+        ("[1, 2]", 422, "body"),
+    ]
+    bulk_cases = [
+        ({"destination": "../escape", "steps": 1}, 422, "destination"),
+        ({"destination": "s3://cfgd-test/other/x", "steps": 1}, 422, "destination"),
+        ({"destination": "s3://cfgd-test/bulk", "steps": 1}, 422, "destination"),
+        ({"destination": "/tmp/x", "steps": 1}, 422, "destination"),
+        ({"destination": "ok", "classes": [11], "steps": 1}, 422, "classes"),
+        ({"destination": "ok", "w": [0, 99], "steps": 1}, 422, "w"),
+        ({"destination": "ok", "counts": [1, 2], "classes": [1], "steps": 1}, 422, "counts"),
+        ({"destination": "ok", "counts": 2000, "steps": 1}, 422, "counts"),
+        ({"destination": "ok", "checkpoint": "zzz"}, 404, "checkpoint"),
+    ]
+
+    def check(path, body, status, field):
+        r = _post(server, path, body)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        if field is not None:
+            assert field in r.json()["field"] and field in r.json()["detail"], (body, r.text)
+
+    # All at once: a burst of bad requests must neither crash nor wedge the replicas.
+    jobs = [("/generate", *c) for c in cases] + [("/bulk", *c) for c in bulk_cases]
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda j: check(*j), jobs))
+    missing = requests.get(server["url"] + "/bulk/0123456789abcdef", timeout=30)
+    assert missing.status_code == 404 and "job_id" in missing.text
+    assert len(_images(_post(server, "/generate", {**good, "num_images": 2}))) == 2
+
+
+def test_second_checkpoint_is_loaded_on_demand_and_reported(server):
+    body = {"class_label": 5, "w": 1.0, "seed": 21}
+    from_a = _images(_post(server, "/generate", body))
+    r = _post(server, "/generate", {**body, "checkpoint": "b"})
+    assert r.json()["checkpoint"] == "b" and _images(r) != from_a
+    ready = requests.get(server["url"] + "/ready", timeout=30).json()
+    assert ready["ready"] and ready["default_checkpoint"] == "a"
+    assert set(ready["loaded"]) == {"a", "b"}
+    assert set(ready["replicas"][ready["replica"]]["loaded"]) == {"a", "b"}
+    assert requests.get(server["url"] + "/openapi.json", timeout=30).json()["paths"].keys() >= {"/generate", "/bulk"}
+    assert requests.get(server["url"] + "/docs", timeout=30).status_code == 200
+
+
+def test_unknown_settings_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['max_image'\]"):
+        serving.ServeSettings.from_dict({"checkpoints": {"a": "/x"}, "default_checkpoint": "a", "max_image": 3})
+    with pytest.raises(ValueError, match="default_checkpoint 'c'"):
+        serving.ServeSettings.from_dict({"checkpoints": {"a": "/x"}, "default_checkpoint": "c"})
+
+
+def _shard_files(fs, dest):
+    return sorted(p for p in fs.ls(storage.arrow_path(dest), detail=False) if p.endswith(".parquet"))
+
+
+def _wait_job(server, job_id, timeout=150):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = requests.get(f"{server['url']}/bulk/{job_id}", timeout=30).json()
+        if st["state"] != "running":
+            return st
+        time.sleep(1)
+    raise AssertionError(f"bulk job {job_id} still running after {timeout}s: {st}")
+
+
+def test_bulk_job_writes_parquet_to_s3_and_a_repost_skips_done_shards(server, s3):
+    opts = s3.storage_options()
+    body = {"destination": "job1", "classes": [0, 3, 5], "counts": 6, "w": [0.0, 2.0], "seed": 1000,
+            "steps": 3, "png_files": True}
+    t0 = time.time()
+    r = _post(server, "/bulk", body)
+    assert r.status_code == 202, r.text
+    first = r.json()
+    assert time.time() - t0 < 20  # answered at once, the work runs as Ray tasks
+    dest = "s3://cfgd-test/bulk/job1"
+    assert first["destination"] == dest and first["total_shards"] == 3 and first["total_images"] == 36
+    st = _wait_job(server, first["job_id"])
+    assert st["state"] == "done", st
+    assert st["done_shards"] == st["total_shards"] == 3 and st["done_images"] == 36 and not st["errors"]
+
+    fs = storage.fsspec_fs(dest, opts)
+    files = _shard_files(fs, dest)
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["shard-00000.parquet", "shard-00001.parquet",
+                                                     "shard-00002.parquet"]
+    table = pq.read_table(storage.arrow_path(dest), filesystem=storage.arrow_fs(dest, opts))
+    assert table.num_rows == 36
+    rows = table.to_pylist()
+    assert sorted(r["seed"] for r in rows) == list(range(1000, 1036))
+    assert {(r["label"], r["w"]) for r in rows} == {(c, w) for c in (0, 3, 5) for w in (0.0, 2.0)}
+    assert all(r["guidance_scale"] == r["w"] + 1 and r["checkpoint"] == "a" for r in rows)
+    assert decode_png(rows[0]["image"]).shape == (8, 8, 1)
+    pngs = fs.ls(storage.arrow_path(dest) + "/_png", detail=False)
+    assert len(pngs) == 36
+    manifest = json.loads(storage.read_bytes(dest + "/_job.json", opts))
+    assert manifest["total_shards"] == 3 and manifest["job_id"] == first["job_id"]
+
+    # Bulk rows are the /generate images of the same (class, w, seed).
+    row = next(r for r in rows if r["label"] == 3 and r["w"] == 2.0)
+    solo = _images(_post(server, "/generate", {"class_label": 3, "w": 2.0, "seed": row["seed"], "steps": 3}))
+    assert solo[0] == row["image"]
+
+    # Re-POSTing the same job resumes it: every shard already exists, nothing is redone.
+    etags = {f: fs.info(f)["ETag"] for f in files}
+    again = _post(server, "/bulk", body).json()
+    assert again["job_id"] == first["job_id"] and again["skipped_shards"] == 3
+    assert _wait_job(server, again["job_id"])["state"] == "done"
+    assert {f: fs.info(f)["ETag"] for f in _shard_files(fs, dest)} == etags
+    assert pq.read_table(storage.arrow_path(dest), filesystem=storage.arrow_fs(dest, opts)).num_rows == 36
+
+    # A lost shard is redone alone.
+    fs.rm_file(files[1])
+    third = _post(server, "/bulk", body).json()
+    assert third["skipped_shards"] == 2
+    assert _wait_job(server, third["job_id"])["done_shards"] == 3
+    assert {f: fs.info(f)["ETag"] for f in _shard_files(fs, dest) if f != files[1]} == \
+        {f: e for f, e in etags.items() if f != files[1]}
+
+    # A different job cannot reuse the destination.
+    conflict = _post(server, "/bulk", {**body, "seed": 1})
+    assert conflict.status_code == 409 and conflict.json()["field"] == "destination"
+
+
+def test_redeploy_with_a_new_default_checkpoint_drops_no_requests(server, checkpoints, s3):
+    from ray import serve
+
+    from serve.app import build_app
+
+    body = {"class_label": 2, "w": 1.0, "seed": 5, "steps": 20}
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = _post(server, "/generate", body)
+                results.append((r.status_code, r.json().get("checkpoint") if r.status_code == 200 else r.text))
+            except Exception as exc:  # noqa: BLE001 - a dropped connection is a failure too
+                results.append((None, repr(exc)))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        serve.run(build_app(_settings(checkpoints, s3, default_checkpoint="b")), name=APP, route_prefix="/")
+        deadline = time.time() + 60
+        while time.time() < deadline and (not results or results[-1][1] != "b"):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and all(code == 200 for code, _ in results), results
+    assert results[0][1] == "a" and results[-1][1] == "b"
+    assert _post(server, "/generate", body).json()["checkpoint"] == "b"
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None or "Sampler" not in status.deployments:
+        return 0
+    return int(status.deployments["Sampler"].replica_states.get("RUNNING", 0))
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, checkpoints, s3):
+    from ray import serve
+
+    from serve.app import Ingress, Sampler
+
+    settings = _settings(checkpoints, s3, batch_wait_timeout_s=0.01, max_batch_size=2)
+    sampler = Sampler.options(
+        user_config=settings, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4,
+        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 1, "downscale_delay_s": 3,
+                            "metrics_interval_s": 0.5, "look_back_period_s": 2})
+    serve.run(Ingress.bind(sampler.bind()), name=AUTOSCALE_APP, route_prefix="/as")
+    assert _running_replicas(AUTOSCALE_APP) == 1
+    stop = threading.Event()
+    codes = []
+
+    def load():
+        while not stop.is_set():
+            codes.append(_post(server, "/as/generate", {"class_label": 1, "num_images": 4, "steps": 20}).status_code)
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and _running_replicas(AUTOSCALE_APP) < 2:
+            time.sleep(0.5)
+        peak = _running_replicas(AUTOSCALE_APP)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert peak == 2
+    assert codes and set(codes) == {200}
+    deadline = time.time() + 60
+    while time.time() < deadline and _running_replicas(AUTOSCALE_APP) > 1:
+        time.sleep(0.5)
+    assert _running_replicas(AUTOSCALE_APP) == 1
+    serve.delete(AUTOSCALE_APP)
