@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -130,6 +131,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if step >= tc.steps and rank == 0:
         _log(f"already trained to step {step} of {tc.steps}: nothing to do")
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    # Throughput since the 3rd step of this process (the first ones pay for the pipeline start).
+    steady_from, steady_t0 = started_at + 2, None
     while step < tc.steps:
         batches = 0
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
@@ -149,6 +152,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             opt.step()
             ema.update(model, step)
             step += 1
+            if step == steady_from:
+                steady_t0 = time.perf_counter()
             window_loss += loss.item()
             window_n += 1
             if step % tc.log_every == 0 or step == tc.steps:
@@ -158,8 +163,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          f"{window_n * tc.batch_size / dt:.1f} samples/s")
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
+                steady = (step - steady_from) * tc.batch_size / (time.perf_counter() - steady_t0) \
+                    if steady_t0 and step > steady_from else 0.0
                 _report(cfg, spec, data, model, ema, opt, step, epoch, loss.item(),
-                        {"started_at_step": started_at, "world_size": world})
+                        {"started_at_step": started_at, "world_size": world},
+                        {"samples_per_s": steady,
+                         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             if step >= tc.steps:
                 break
         if batches == 0:
@@ -169,11 +178,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch += 1
 
 
-def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra) -> None:
-    """ray.train.report on every rank (it is a collective); rank 0 attaches the checkpoint."""
+def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) -> None:
+    """ray.train.report on every rank (it is a collective); rank 0 attaches the checkpoint.
+
+    ``perf`` (throughput, peak memory of this worker) goes into the metrics only.
+    """
     import ray.train
 
-    metrics = {"step": step, "epoch": epoch, "loss": loss}
+    metrics = {"step": step, "epoch": epoch, "loss": loss, **perf}
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
