@@ -228,6 +228,56 @@ def test_unknown_settings_are_rejected():
         serving.ServeSettings.from_dict({"checkpoints": {"a": "/x"}, "default_checkpoint": "a", "max_image": 3})
     with pytest.raises(ValueError, match="default_checkpoint 'c'"):
         serving.ServeSettings.from_dict({"checkpoints": {"a": "/x"}, "default_checkpoint": "c"})
+    with pytest.raises(ValueError, match=r"unknown storage setting\(s\) \['endpoint'\]"):
+        serving.ServeSettings.from_dict({"checkpoints": {"a": "/x"}, "default_checkpoint": "a",
+                                         "storage": {"endpoint": "http://x"}})
+
+
+def test_a_bad_config_on_a_live_replica_is_refused_and_the_old_one_kept(checkpoints):
+    core = serving.SamplerCore()
+    good = {"checkpoints": dict(checkpoints), "default_checkpoint": "a"}
+    with pytest.raises(ValueError, match="max_image"):  # first config: the replica must not start
+        core.reconfigure({**good, "max_image": 3})
+    assert core.reconfigure(good) is not None and core.config_error is None
+    # Raising on a live replica would make Serve stall its requests, then answer 503.
+    assert core.reconfigure({**good, "max_image": 3}) is None
+    assert "max_image" in core.config_error and core.describe()["config_error"] == core.config_error
+    assert core.reconfigure({**good, "checkpoints": {"a": "/no/such/checkpoint"}}) is None
+    assert core.settings.checkpoints == checkpoints
+    assert core.reconfigure({**good, "default_checkpoint": "b"}).default_checkpoint == "b"
+    assert core.config_error is None and set(core.loaded()) == {"a", "b"}
+
+
+def test_destination_symlink_out_of_the_prefix_is_refused(tmp_path):
+    prefix = tmp_path / "out"
+    prefix.mkdir()
+    (prefix / "link").symlink_to(tmp_path)
+    assert serving.resolve_destination("run1/part", str(prefix)) == str(prefix / "run1" / "part")
+    assert serving.resolve_destination(str(prefix / "run2"), str(prefix)) == str(prefix / "run2")
+    for bad in ("link/x", "../out2", str(tmp_path / "elsewhere"), "s3://bucket/x", "a b", ""):
+        with pytest.raises(serving.RequestError, match="destination"):
+            serving.resolve_destination(bad, str(prefix))
+
+
+@pytest.mark.parametrize("path", ["serve/config.yaml", "serve/rayservice.yaml"])
+def test_serve_configs_are_valid(path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((ROOT / path).read_text())
+    if doc.get("kind") == "RayService":
+        doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    config = ServeDeploySchema.model_validate(doc)
+    (app,) = config.applications
+    assert app.import_path == "serve.app:app" and app.runtime_env["working_dir"].startswith("local:///")
+    sampler = next(d for d in app.deployments if d.name == "Sampler")
+    settings = serving.ServeSettings.from_dict(sampler.user_config)
+    assert sampler.max_ongoing_requests >= settings.max_batch_size  # else batches never fill
+    scaling = sampler.autoscaling_config
+    assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"] and scaling["upscale_delay_s"] > 0
+    if path == "serve/config.yaml":
+        assert config.http_options.host == "127.0.0.1"
+        assert 0 < sampler.ray_actor_options.num_cpus < 1  # fits a 2-core machine
 
 
 def _shard_files(fs, dest):

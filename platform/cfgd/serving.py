@@ -146,7 +146,12 @@ class ServeSettings:
         return s
 
     def validate(self) -> None:
-        if not isinstance(self.checkpoints, dict) or not self.checkpoints:
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "dict": (dict,)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, kinds[f.type]):
+                raise ValueError(f"setting {f.name}={value!r} must be of type {f.type}")
+        if not self.checkpoints:
             raise ValueError("checkpoints must map at least one name to a checkpoint URI")
         for name, uri in self.checkpoints.items():
             if not isinstance(uri, str) or not uri:
@@ -401,8 +406,7 @@ def sample_specs(specs: list[SampleSpec]) -> tuple[list[torch.Tensor], int]:
             lo = [float(s.interval[0]) if s.interval else -math.inf for s in members for _ in range(s.n)]
             hi = [float(s.interval[1]) if s.interval else math.inf for s in members for _ in range(s.n)]
             interval = (torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
-        # batch_size = all rows: Generator.sample slices w per chunk but passes
-        # ``interval`` whole, so per-row bounds need a single chunk.
+        # One chunk: the whole group is one forward pass per step, the point of batching.
         images = first.gen.sample(labels, seeds, ws, steps=first.steps, eta=first.eta, spacing=first.spacing,
                                   interval=interval, rescale=first.rescale, clip_denoised=True,
                                   batch_size=len(labels))
@@ -872,6 +876,9 @@ def prepare_destination(plan: BulkPlan, opts: StorageOptions | None) -> set[int]
         old = json.loads(storage.read_bytes(uri, opts))
     except FileNotFoundError:
         old = None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(409, "destination", f"{uri} is not a readable job manifest; choose another "
+                                               "destination or remove it") from None
     if old is not None and old.get("plan") != plan.to_dict():
         changed = sorted(k for k, v in plan.to_dict().items() if old.get("plan", {}).get(k) != v)
         raise RequestError(409, "destination", f"{plan.destination} already holds a different bulk job "
@@ -925,14 +932,18 @@ class ServeState:
         self.jobs: dict[str, _Job] = {}
         self.replicas: dict[str, dict] = {}
         self._tasks: set = set()  # strong references: asyncio keeps only weak ones
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def submit(self, bulk: dict) -> dict:
         """Start (or resume, skipping finished shards) the job of a plan_bulk result.
         Returns the job status, or a refusal (:meth:`RequestError.as_result`)."""
-        try:
-            return await self._submit(bulk)
-        except RequestError as err:
-            return err.as_result()
+        job_id = BulkPlan.from_dict(bulk["plan"]).job_id
+        # One submission per job at a time: two racing POSTs must not both launch shards.
+        async with self._locks.setdefault(job_id, asyncio.Lock()):
+            try:
+                return await self._submit(bulk)
+            except RequestError as err:
+                return err.as_result()
 
     async def _submit(self, bulk: dict) -> dict:
         import ray
@@ -946,7 +957,7 @@ class ServeState:
             return job.status()
         try:
             skipped = await asyncio.to_thread(prepare_destination, plan, opts)
-        except StorageError as err:
+        except (StorageError, OSError) as err:
             raise RequestError(503, "destination", f"cannot use {plan.destination}: {err}") from None
         job = _Job(plan=plan, skipped=skipped)
         self.jobs[plan.job_id] = job
