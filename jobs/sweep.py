@@ -11,30 +11,12 @@ same ``out`` skips the grid points already done. Writes table.parquet/.csv,
 plot.png, grid.png and per-point results under ``out``.
 """
 
-import argparse
-
-from cfgd.cli import fail
-from cfgd.config import ConfigError
-from cfgd.config import config_yaml, load_structured
+from cfgd.cli import fail, parse
 from cfgd.sweep import SweepConfig, run_sweep, sweep_axes
 
 
-def parse(argv=None) -> SweepConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with SweepConfig keys (see jobs/configs/sweep.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. samples_per_w=100")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_structured(SweepConfig, args.config, args.overrides)
-        sweep_axes(cfg)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    print("resolved config:\n" + config_yaml(cfg), flush=True)
-    return cfg
-
-
 if __name__ == "__main__":
-    cfg = parse()
+    cfg = parse(__doc__, schema=SweepConfig, check=sweep_axes)
     try:
         result = run_sweep(cfg)
     except ValueError as err:

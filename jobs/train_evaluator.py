@@ -8,29 +8,12 @@ Keys are top level (see cfgd.evaluate.EvaluatorConfig); object storage under
 s3:// URI. Prints the test accuracy and writes model.safetensors + meta.json.
 """
 
-import argparse
-
-from cfgd.cli import fail
-from cfgd.config import ConfigError
-from cfgd.config import config_yaml, load_structured
+from cfgd.cli import fail, parse
 from cfgd.evaluate import EvaluatorConfig, train_evaluator, validate_evaluator_config
 
 
-def parse(argv=None) -> EvaluatorConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file with EvaluatorConfig keys")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=1")
-    args = parser.parse_args(argv)
-    try:
-        cfg = validate_evaluator_config(load_structured(EvaluatorConfig, args.config, args.overrides))
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    print("resolved config:\n" + config_yaml(cfg), flush=True)
-    return cfg
-
-
 if __name__ == "__main__":
-    cfg = parse()
+    cfg = parse(__doc__, schema=EvaluatorConfig, check=validate_evaluator_config)
     try:
         evaluator, where = train_evaluator(cfg)
     except (ValueError, FileExistsError) as err:

@@ -112,14 +112,14 @@ def test_sweep_axes_and_validation():
 
 
 def test_sweep_job_parses_top_level_keys_and_rejects_unknown_ones(capsys):
-    import importlib.util
-    from pathlib import Path
+    from cfgd.cli import parse
+    from cfgd.sweep import SweepConfig, sweep_axes
 
-    spec = importlib.util.spec_from_file_location("sweep_job", Path(__file__).parents[1] / "jobs" / "sweep.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    cfg = job.parse(["checkpoint=ck", "evaluator=ev", "w=[0,0.5]", "samples_per_w=30", "steps=[10,20]", "seed=3"])
+    def job_parse(argv):  # what jobs/sweep.py does with its command line
+        return parse("sweep", argv, schema=SweepConfig, check=sweep_axes)
+
+    cfg = job_parse(["checkpoint=ck", "evaluator=ev", "w=[0,0.5]", "samples_per_w=30", "steps=[10,20]", "seed=3"])
     assert cfg.w == [0.0, 0.5] and cfg.steps == [10, 20] and cfg.seed == 3
     with pytest.raises(SystemExit) as exc:
-        job.parse(["checkpoint=ck", "evaluator=ev", "samples=3"])
+        job_parse(["checkpoint=ck", "evaluator=ev", "samples=3"])
     assert exc.value.code == 2 and "samples" in capsys.readouterr().err

@@ -69,7 +69,8 @@ class Checkpoint:
         return model.eval()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,7 +110,7 @@ def write_checkpoint(directory: str | Path, *, model_state: dict, ema_state: dic
             "model": spec.to_dict(),
             "label_names": list(label_names),
             "config": config,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files},
             **(extra or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -143,7 +144,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         if f.stat().st_size != rec["bytes"]:
             raise CheckpointError(f"checkpoint {d} is corrupted: {name} has {f.stat().st_size} bytes, "
                                   f"expected {rec['bytes']} (truncated?)")
-        if _sha256(f) != rec["sha256"]:
+        if sha256_file(f) != rec["sha256"]:
             raise CheckpointError(f"checkpoint {d} is corrupted: {name} does not match its sha256")
     return meta
 

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cfgd import storage
+from cfgd.checkpoint import sha256_file
 from cfgd.config import ConfigError, masked
 from cfgd.data import DatasetMeta, decode_batch, read_meta
 from cfgd.storage import StorageOptions
@@ -406,14 +407,6 @@ def load_split(root: str, split: str, storage_options: StorageOptions | None = N
 # ------------------------------------------------------------------------ checkpoint
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_evaluator(out: str, net: EvalNet, meta: dict[str, Any], storage_options: StorageOptions | None = None,
                     overwrite: bool = False) -> str:
     """Write weights + meta.json (sha256 added) to ``out``, local or ``s3://``; meta.json last.
@@ -429,7 +422,7 @@ def write_evaluator(out: str, net: EvalNet, meta: dict[str, Any], storage_option
         save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, f"{tmp}/{WEIGHTS}")
         w = Path(tmp) / WEIGHTS
         full = {**meta, "kind": KIND, "format_version": FORMAT_VERSION,
-                "files": {WEIGHTS: {"bytes": w.stat().st_size, "sha256": _sha256(w)}}}
+                "files": {WEIGHTS: {"bytes": w.stat().st_size, "sha256": sha256_file(w)}}}
         meta_bytes = json.dumps(full, indent=2, sort_keys=True).encode()
         if storage.is_remote(out):
             storage.upload_dir(tmp, out, storage_options)
@@ -458,7 +451,7 @@ def read_evaluator_meta(directory: Path) -> dict[str, Any]:
                          f"expected {KIND!r} format {FORMAT_VERSION}")
     for name, rec in meta["files"].items():
         f = d / name
-        if not f.is_file() or f.stat().st_size != rec["bytes"] or _sha256(f) != rec["sha256"]:
+        if not f.is_file() or f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
             raise ValueError(f"evaluator {d} is corrupted or incomplete: {name} does not match meta.json")
     return meta
 
