@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from cfgd.checkpoint import fetch_checkpoint, load_checkpoint
+from cfgd.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
 from cfgd.config import load_config
 from cfgd.storage import StorageError, fsspec_fs
 from cfgd.train import fit
@@ -120,11 +120,24 @@ def test_object_store_restart_during_training(s3, ray_local, digits_npz, tmp_pat
         assert "s3" in message.lower() or "storage" in message.lower() or "cfgd-test" in message, message
     else:
         assert outcome["result"].metrics["step"] == 40
-    snapshot = json.loads(fs.cat_file("cfgd-test/e2e/runs/restart/checkpoint_manager_snapshot.json"))
-    committed = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
-    assert committed
+    # Ray's record of committed checkpoints; the outage may have kept even the first
+    # record from being written, and then nothing counts as committed.
+    snapshot_path = "cfgd-test/e2e/runs/restart/checkpoint_manager_snapshot.json"
+    committed = []
+    if fs.exists(snapshot_path):
+        snapshot = json.loads(fs.cat_file(snapshot_path))
+        committed = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    if "result" in outcome:
+        assert committed
     for name in committed:
         local = fetch_checkpoint(f"{BUCKET}/runs/restart/{name}", opts)
         assert load_checkpoint(local).step > 0
+    # Whatever else the outage left in the bucket, resolving the run gives a verified
+    # checkpoint, or a clear refusal when no upload completed at all.
+    try:
+        newest = load_checkpoint(fetch_checkpoint(f"{BUCKET}/runs/restart", opts)).step
+    except CheckpointError:
+        assert "error" in outcome and not committed
+        newest = None
     print(f"object-store restart: {'rode through' if 'result' in outcome else 'failed cleanly'}; "
-          f"{len(committed)} committed checkpoints all load")
+          f"{len(committed)} committed checkpoints all load; newest verified step {newest}")
