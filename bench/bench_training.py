@@ -60,7 +60,8 @@ def plain_loop(data: str, steps: int, batch: int, threads: int) -> float:
     return (steps - 2) * batch / (time.perf_counter() - t0)
 
 
-def ray_train(data: str, steps: int, batch: int, workers: int, runs: str) -> tuple[float, float, float]:
+def ray_train(data: str, steps: int, batch: int, workers: int, runs: str) -> tuple[float, float, float, float]:
+    """(samples/s, peak RSS MiB of rank 0, start-up s, fraction of steady time rank 0 waited on data)."""
     cfg = load_config("jobs/configs/fashion_mnist.yaml", [
         f"data.root={data}", f"train.storage_path={runs}", f"train.run_name=bench_{workers}",
         f"train.num_workers={workers}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
@@ -69,7 +70,8 @@ def ray_train(data: str, steps: int, batch: int, workers: int, runs: str) -> tup
     t0 = time.perf_counter()
     metrics = fit(cfg).metrics
     wall = time.perf_counter() - t0
-    return metrics["samples_per_s"], metrics["peak_rss_mib"], wall - steps * batch / metrics["samples_per_s"]
+    return (metrics["samples_per_s"], metrics["peak_rss_mib"], wall - steps * batch / metrics["samples_per_s"],
+            metrics["data_wait_frac"])
 
 
 def data_rate(data: str, batch: int) -> float:
@@ -96,13 +98,13 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     rate = data_rate(args.data, args.batch)
     with tempfile.TemporaryDirectory() as runs:
-        r1, rss1, start1 = ray_train(args.data, args.steps, args.batch, 1, runs)
-        r2, rss2, start2 = ray_train(args.data, args.steps, args.batch, 2, runs)
+        r1, rss1, start1, wait1 = ray_train(args.data, args.steps, args.batch, 1, runs)
+        r2, rss2, start2, wait2 = ray_train(args.data, args.steps, args.batch, 2, runs)
     print(f"\nsmall UNet, global batch {args.batch}, {args.steps} steps, 2 cores\n")
-    print(f"{'variant':<8} {'samples/s':>10} {'peak RSS MiB':>13} {'start-up s':>11}")
-    print(f"{'plain':<8} {plain:10.1f} {plain_rss:13.0f} {'-':>11}")
-    print(f"{'ray-1':<8} {r1:10.1f} {rss1:13.0f} {start1:11.0f}")
-    print(f"{'ray-2':<8} {r2:10.1f} {rss2:13.0f} {start2:11.0f}")
+    print(f"{'variant':<8} {'samples/s':>10} {'peak RSS MiB':>13} {'start-up s':>11} {'data wait':>10}")
+    print(f"{'plain':<8} {plain:10.1f} {plain_rss:13.0f} {'-':>11} {'-':>10}")
+    print(f"{'ray-1':<8} {r1:10.1f} {rss1:13.0f} {start1:11.0f} {wait1:10.1%}")
+    print(f"{'ray-2':<8} {r2:10.1f} {rss2:13.0f} {start2:11.0f} {wait2:10.1%}")
     print(f"{'data':<8} {rate:10.1f} {'-':>13} {'-':>11}   (rows/s: Ray Data read + decode)")
     print(f"\nray-1 / plain   {r1 / plain:.3f}   (target >= 0.9)")
     print(f"ray-2 / plain   {r2 / plain:.3f}")

@@ -32,7 +32,7 @@ class DataConfig:
     root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read (path or s3://)
     rows_per_shard: int = 10000
     test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
-    shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of block order
+    shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of the shard order
     overwrite: bool = False  # prepare_data: rewrite shards that already exist and read back fine
 
 

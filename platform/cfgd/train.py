@@ -133,11 +133,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     # Throughput since the 3rd step of this process (the first ones pay for the pipeline start).
     steady_from, steady_t0 = started_at + 2, None
+    # Seconds spent waiting for the next batch since steady_t0: > 0 means data is a bottleneck.
+    data_wait = 0.0
     while step < tc.steps:
         batches = 0
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                              pin_memory=use_cuda, prefetch_batches=2):
+        it = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                           pin_memory=use_cuda, prefetch_batches=2))
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            if steady_t0 is not None:
+                data_wait += time.perf_counter() - t_wait
             batches += 1
             x0, y = batch["image"], batch["label"]
             y = drop_labels(y, cfg.diffusion.p_uncond, null, gen)
@@ -154,20 +163,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += 1
             if step == steady_from:
                 steady_t0 = time.perf_counter()
-            window_loss += loss.item()
+            window_loss += loss.detach()  # no .item() here: on a GPU it would sync every step
             window_n += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 dt = time.perf_counter() - window_t0
                 if rank == 0:
-                    _log(f"step {step}/{tc.steps} epoch {epoch} loss {window_loss / window_n:.4f} "
+                    _log(f"step {step}/{tc.steps} epoch {epoch} loss {float(window_loss) / window_n:.4f} "
                          f"{window_n * tc.batch_size / dt:.1f} samples/s")
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                steady = (step - steady_from) * tc.batch_size / (time.perf_counter() - steady_t0) \
-                    if steady_t0 and step > steady_from else 0.0
+                elapsed = time.perf_counter() - steady_t0 if steady_t0 else 0.0
+                steady = (step - steady_from) * tc.batch_size / elapsed if elapsed and step > steady_from else 0.0
                 _report(cfg, spec, data, model, ema, opt, step, epoch, loss.item(),
                         {"started_at_step": started_at, "world_size": world},
-                        {"samples_per_s": steady,
+                        {"samples_per_s": steady, "data_wait_frac": data_wait / elapsed if elapsed else 0.0,
                          "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             if step >= tc.steps:
                 break
@@ -255,7 +264,7 @@ def fit(cfg: cfglib.Config):
     # Progress bars of the streaming split would interleave with the training log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = datalib.read_dataset(cfg.data.root, "train", meta, data_fs,
-                                   arrow_filesystem=storage.arrow_fs(cfg.data.root, opts))
+                                   arrow_filesystem=storage.arrow_fs(cfg.data.root, opts), seed=cfg.train.seed)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
