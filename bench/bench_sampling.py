@@ -4,74 +4,107 @@
     .venv/bin/python bench/bench_sampling.py --batch 64 --steps 50 --repeats 5 \
         --checkpoint outputs/runs/fashion_mnist_demo
 
-Every row is the median of --repeats runs in this process, same network, same batch:
+Every row is the median of --repeats runs in this process, same network, same batch,
+the runs of the variants interleaved (round-robin) so that machine noise hits them alike:
 
-  floor       the network's forward passes alone (steps × 2B rows), no sampler
-  platform    cfgd.sampling.ddim_sample with w (one 2B-row forward per step)
-  naive       two separate forward calls per step (B rows each) + the same DDIM update
-  diffusers   Hugging Face DDIMScheduler with the pipelines' CFG loop (cat([x]*2), chunk(2))
-  interval    the platform with a guidance interval covering half of the steps
+  floor        the network's forward passes alone (steps × 2B rows), run the way the
+               platform runs it (cfgd.generate.eps_fn_of: on CPU channels-last, calls of
+               at most 32 rows), no sampler
+  platform     cfgd.sampling.ddim_sample with w over that eps_fn
+  floor-plain  the forward passes with the network as loaded (NCHW, one 2B-row call)
+  plain        ddim_sample over the network as loaded: the platform before issue 6's
+               CPU execution settings
+  naive        two separate forward calls per step (B rows each) + the same DDIM update
+  diffusers    Hugging Face DDIMScheduler with the pipelines' CFG loop (cat([x]*2), chunk(2))
+  interval     the platform with a guidance interval covering half of the steps
 
-then scaling in batch size and steps, 5 w values batched together vs 5 runs, and the
+naive and diffusers drive the network as loaded, as a user's own loop would.
+Then scaling in batch size and steps, 5 w values batched together vs 5 runs, and the
 peak memory of sampling with 10 vs 250 steps (separate processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform as _platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 from cfgd.diffusion import make_schedule
-from cfgd.generate import Generator, eps_fn_of
+from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of
 from cfgd.guidance import null_label
 from cfgd.model import ModelSpec, build_model
 from cfgd.sampling import ddim_coefficients, ddim_sample, ddim_timesteps
 
 
-def load_model(checkpoint: str | None):
+@dataclass
+class Net:
+    """The network under test: as the platform runs it (eps_fn) and as loaded (model, NCHW)."""
+
+    model: torch.nn.Module
+    eps_fn: object
+    shape: tuple
+    num_classes: int
+    schedule: object
+
+
+def load_net(checkpoint: str | None) -> Net:
+    """The checkpoint as ``Generator.load`` sets it up; an untrained small UNet without one."""
     if checkpoint:
         gen = Generator.load(checkpoint)
-        d = gen.checkpoint.meta["config"]["diffusion"]
-        return gen.model, gen.shape, gen.num_classes, make_schedule(d["schedule"], d["timesteps"])
+        model = copy.deepcopy(gen.model).to(memory_format=torch.contiguous_format)
+        return Net(model, gen.eps_fn(), gen.shape, gen.num_classes, gen.schedule())
     torch.manual_seed(0)
     model = build_model(ModelSpec("small", 28, 1, 10)).eval()
-    return model, (1, 28, 28), 10, make_schedule("cosine", 1000)
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return Net(model, eps_fn_of(fast, CPU_ROWS_PER_CALL, True), (1, 28, 28), 10, make_schedule("cosine", 1000))
+
+
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each callable over ``repeats`` rounds, the callables interleaved."""
+    for fn in fns.values():
+        fn()  # warm-up: first calls pay for allocator growth and kernel selection
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls pay for allocator growth and kernel selection
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_times({"": fn}, repeats)[""]
 
 
-def variants(model, shape, num_classes, schedule, B: int, steps: int, w: float):
-    null = null_label(num_classes)
-    labels = torch.arange(B) % num_classes
+def variants(net: Net, B: int, steps: int, w: float):
+    shape, schedule, null = net.shape, net.schedule, null_label(net.num_classes)
+    labels = torch.arange(B) % net.num_classes
     seeds = list(range(B))
     ts = ddim_timesteps(schedule.T, steps, "trailing")
-    eps_fn = eps_fn_of(model)
+    eps_fn, model = net.eps_fn, net.model
+    plain_eps = eps_fn_of(model)  # the network as loaded: NCHW, every row in one call
 
-    @torch.inference_mode()
-    def floor():
-        x = torch.randn(2 * B, *shape)
-        y = torch.cat([labels, torch.full((B,), null)])
-        for t in ts:
-            model(x, torch.full((2 * B,), t), y)
+    def floor_of(fn):
+        @torch.inference_mode()
+        def floor():
+            x = torch.randn(2 * B, *shape)
+            y = torch.cat([labels, torch.full((B,), null)])
+            for t in ts:
+                fn(x, torch.full((2 * B,), t), y)
+        return floor
 
-    def platform_(interval=None):
-        ddim_sample(eps_fn, schedule, labels, seeds, shape, steps=steps, w=w, null_label=null, interval=interval)
+    def platform_(interval=None, fn=eps_fn):
+        ddim_sample(fn, schedule, labels, seeds, shape, steps=steps, w=w, null_label=null, interval=interval)
 
     coefs = ddim_coefficients(schedule, ts, 0.0)
 
@@ -103,7 +136,8 @@ def variants(model, shape, num_classes, schedule, B: int, steps: int, w: float):
                 x = sched.step(eu + (1 + w) * (ec - eu), t, x).prev_sample
 
     half = (ts[steps // 2 - 1] if steps > 1 else ts[0], schedule.T)  # the noisiest half of the steps
-    out = {"floor": floor, "platform": platform_, "naive": naive, "diffusers": diffusers_,
+    out = {"floor": floor_of(eps_fn), "platform": platform_, "floor-plain": floor_of(plain_eps),
+           "plain": lambda: platform_(fn=plain_eps), "naive": naive, "diffusers": diffusers_,
            "interval": lambda: platform_(interval=half)}
     try:
         import diffusers  # noqa: F401
@@ -114,8 +148,9 @@ def variants(model, shape, num_classes, schedule, B: int, steps: int, w: float):
 
 
 def mem_child(steps: int, checkpoint: str | None, B: int) -> None:
-    model, shape, nc, schedule = load_model(checkpoint)
-    ddim_sample(eps_fn_of(model), schedule, torch.arange(B) % nc, list(range(B)), shape, steps=steps, w=2.0,
+    net = load_net(checkpoint)
+    nc = net.num_classes
+    ddim_sample(net.eps_fn, net.schedule, torch.arange(B) % nc, list(range(B)), net.shape, steps=steps, w=2.0,
                 null_label=null_label(nc))
     print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -145,24 +180,28 @@ def main() -> None:
         mem_child(args.mem_child, args.checkpoint, args.batch)
         return
 
-    model, shape, nc, schedule = load_model(args.checkpoint)
+    net = load_net(args.checkpoint)
+    shape, nc, schedule = net.shape, net.num_classes, net.schedule
     B, steps = args.batch, args.steps
-    print(f"machine: {_platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"image {shape}, batch {B}, {steps} DDIM steps, w = {args.w}, median of {args.repeats}\n")
-    times = {name: median_time(fn, args.repeats) for name, fn in variants(model, shape, nc, schedule, B, steps,
-                                                                         args.w).items()}
-    print(f"{'variant':<11} {'seconds':>8} {'images/s':>9}")
+    print(f"machine: {_platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}; image {shape}, batch {B}, {steps} DDIM steps, w = {args.w}, "
+          f"median of {args.repeats} interleaved rounds\n")
+    times = median_times(variants(net, B, steps, args.w), args.repeats)
+    print(f"{'variant':<12} {'seconds':>8} {'images/s':>9}")
     for name, t in times.items():
-        print(f"{name:<11} {t:8.3f} {B / t:9.2f}")
-    print(f"\nplatform / floor            {times['platform'] / times['floor']:.3f}   (target <= 1.05)")
+        print(f"{name:<12} {t:8.3f} {B / t:9.2f}")
+    print(f"\nplatform / floor              {times['platform'] / times['floor']:.3f}   (target <= 1.05)")
+    print(f"plain / floor-plain           {times['plain'] / times['floor-plain']:.3f}")
+    print(f"plain / platform              {times['plain'] / times['platform']:.3f}   (speed-up of the CPU settings)")
     if "diffusers" in times:
-        print(f"diffusers / platform        {times['diffusers'] / times['platform']:.3f}   (> 1: platform faster)")
-    print(f"naive / platform            {times['naive'] / times['platform']:.3f}")
-    print(f"full / interval (half)      {times['platform'] / times['interval']:.3f}   (expected ~1.33)")
+        print(f"diffusers / platform          {times['diffusers'] / times['platform']:.3f}   (> 1: platform faster)")
+        print(f"diffusers / plain             {times['diffusers'] / times['plain']:.3f}   (same network calls)")
+    print(f"naive / platform              {times['naive'] / times['platform']:.3f}")
+    print(f"full / interval (half)        {times['platform'] / times['interval']:.3f}   (expected ~1.33)")
     if args.skip_scale:
         return
 
-    eps_fn, null = eps_fn_of(model), null_label(nc)
+    eps_fn, null = net.eps_fn, null_label(nc)
 
     def run(b, s, w=args.w):
         return lambda: ddim_sample(eps_fn, schedule, torch.arange(b) % nc, list(range(b)), shape, steps=s, w=w,

@@ -1,5 +1,6 @@
 """The network, checkpoints and the sampler bound to a real (tiny) network."""
 
+import copy
 import json
 import os
 
@@ -10,7 +11,7 @@ import torch
 from cfgd.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, resolve_checkpoint, write_checkpoint
 from cfgd.config import Config, to_dict
 from cfgd.diffusion import make_schedule, q_sample
-from cfgd.generate import Generator, eps_fn_of, make_grid, to_uint8
+from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of, make_grid, to_uint8
 from cfgd.guidance import GuidedEps, null_label
 from cfgd.model import MODEL_SIZES, ModelSpec, build_model
 from cfgd.sampling import ddim_sample
@@ -101,6 +102,22 @@ def test_tiny_model_overfits_one_batch():
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
 
+def test_execution_settings_change_how_the_network_runs_not_what_it_computes(tiny):
+    """Row chunking and channels-last (the CPU defaults) give the plain call's ε."""
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(70, 1, 8, 8, generator=g), torch.randint(1, 1000, (70,), generator=g), torch.arange(70) % 11
+    fast = copy.deepcopy(tiny).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = eps_fn_of(tiny)(x, t, y)
+        chunked = eps_fn_of(tiny, rows_per_call=32)(x, t, y)  # 32 + 32 + 6 rows
+        nhwc = eps_fn_of(fast, rows_per_call=32, channels_last=True)(x, t, y)
+    assert chunked.shape == nhwc.shape == ref.shape and nhwc.is_contiguous()
+    torch.testing.assert_close(chunked, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nhwc, ref, rtol=0, atol=1e-5)
+    # Rows 0..31 are a whole call of 32 rows either way: bit-identical.
+    assert torch.equal(chunked[:32], eps_fn_of(tiny)(x[:32], t[:32], y[:32]))
+
+
 def _save(tmp_path, model, name="ckpt", step=7):
     spec = model.spec
     return write_checkpoint(tmp_path / name, model_state=model.state_dict(), ema_state=model.state_dict(),
@@ -116,7 +133,11 @@ def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(tmp_path, tiny):
     assert gen.checkpoint.meta["config"]["diffusion"]["schedule"] == "cosine"
     labels, seeds = [1, 2, 3], [5, 6, 7]
     a = gen.sample(labels, seeds, w=[0.0, 1.0, 3.0], steps=10)
-    b = Generator(gen.checkpoint, tiny, torch.device("cpu")).sample(labels, seeds, w=[0.0, 1.0, 3.0], steps=10)
+    # On CPU, load() runs the network channels-last in calls of at most 32 rows.
+    assert (gen.rows_per_call, gen.channels_last) == (CPU_ROWS_PER_CALL, True)
+    same = copy.deepcopy(tiny).to(memory_format=torch.channels_last)
+    b = Generator(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample(
+        labels, seeds, w=[0.0, 1.0, 3.0], steps=10)
     assert torch.equal(a, b)
     ck = load_checkpoint(path, with_optimizer=True)
     assert ck.optimizer_state["param_groups"][0]["lr"] == 1e-3

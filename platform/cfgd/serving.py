@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -305,7 +306,7 @@ def load_generator(uri: str, opts: StorageOptions | None, pad_rows: int) -> Gene
     """``Generator.load`` (EMA weights), with :class:`RowPadded` around the network."""
     gen = Generator.load(uri, use_ema=True, storage=opts)
     if pad_rows > 1:
-        gen = Generator(gen.checkpoint, RowPadded(gen.model, pad_rows).eval(), gen.device)
+        gen = dataclasses.replace(gen, model=RowPadded(gen.model, pad_rows).eval())
     return gen
 
 
