@@ -296,7 +296,10 @@ class RowPadded(torch.nn.Module):
         pad = -B % self.multiple
         if pad == 0:
             return self.net(x, t, y)
+        nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        if nhwc:  # cat returns NCHW; keep the layout the network was converted to
+            x = x.contiguous(memory_format=torch.channels_last)
         t = torch.cat([t, t[:1].expand(pad)])
         y = torch.cat([y, y[:1].expand(pad)])
         return self.net(x, t, y)[:B]
