@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from cfgd.diffusion import make_schedule
-from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of
+from cfgd.generate import Generator, eps_fn_of, prepare_network
 from cfgd.guidance import null_label
 from cfgd.model import ModelSpec, build_model
 from cfgd.sampling import ddim_coefficients, ddim_sample, ddim_timesteps
@@ -65,8 +65,8 @@ def load_net(checkpoint: str | None) -> Net:
         return Net(model, gen.eps_fn(), gen.shape, gen.num_classes, gen.schedule())
     torch.manual_seed(0)
     model = build_model(ModelSpec("small", 28, 1, 10)).eval()
-    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return Net(model, eps_fn_of(fast, CPU_ROWS_PER_CALL, True), (1, 28, 28), 10, make_schedule("cosine", 1000))
+    fast = eps_fn_of(*prepare_network(copy.deepcopy(model), "cpu"))
+    return Net(model, fast, (1, 28, 28), 10, make_schedule("cosine", 1000))
 
 
 def median_times(fns: dict, repeats: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: sampling (floor, platform, naive CFG, diffusers, guidance interval,
 # scaling, memory) then training (plain loop, Ray Train 1 and 2 workers, Ray Data rate).
-# ≈ 12 min on a 2-core CPU. Prints the tables and saves them under outputs/bench/.
+# ≈ 13 min on a 2-core CPU. Prints the tables and saves them under outputs/bench/.
 #   bash scripts/bench.sh              # sampling + training
 #   bash scripts/bench.sh --serve      # also Serve over HTTP (≈ 3 min more)
 # Uses the demo checkpoint (outputs/runs/fashion_mnist_demo) when it exists, else an

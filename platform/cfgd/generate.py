@@ -56,6 +56,22 @@ def eps_fn_of(model: torch.nn.Module, rows_per_call: int = 0, channels_last: boo
     return chunked
 
 
+def prepare_network(model: torch.nn.Module, device: str | torch.device, rows_per_call: int | None = None,
+                    channels_last: bool | None = None) -> tuple[torch.nn.Module, int, bool]:
+    """(model on ``device`` in the chosen layout, rows_per_call, channels_last) for eps_fn_of.
+
+    None picks what measured fastest for the device: on CPU, calls of CPU_ROWS_PER_CALL
+    rows in channels-last layout; on a GPU, one call for all rows in the default layout.
+    """
+    cpu = torch.device(device).type == "cpu"
+    rows = (CPU_ROWS_PER_CALL if cpu else 0) if rows_per_call is None else rows_per_call
+    nhwc = cpu if channels_last is None else channels_last
+    model = model.to(device)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    return model, rows, nhwc
+
+
 @dataclass
 class Generator:
     """A loaded checkpoint ready to sample: network (EMA weights by default) + schedule.
@@ -76,17 +92,10 @@ class Generator:
              channels_last: bool | None = None) -> "Generator":
         """A checkpoint or run directory, local or ``s3://`` (newest valid checkpoint).
 
-        ``rows_per_call`` / ``channels_last``: None picks what measured fastest for the
-        device: on CPU, calls of CPU_ROWS_PER_CALL rows in channels-last layout; on a
-        GPU, one call for all rows in the default layout.
+        ``rows_per_call`` / ``channels_last``: see prepare_network (None: per device).
         """
         ck = load_checkpoint(fetch_checkpoint(str(path), storage))
-        cpu = torch.device(device).type == "cpu"
-        rows = (CPU_ROWS_PER_CALL if cpu else 0) if rows_per_call is None else rows_per_call
-        nhwc = cpu if channels_last is None else channels_last
-        model = ck.build(ema=use_ema).to(device)
-        if nhwc:
-            model = model.to(memory_format=torch.channels_last)
+        model, rows, nhwc = prepare_network(ck.build(ema=use_ema), device, rows_per_call, channels_last)
         return cls(ck, model, torch.device(device), rows, nhwc)
 
     def eps_fn(self) -> EpsFn:
