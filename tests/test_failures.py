@@ -324,3 +324,36 @@ def test_stopped_job_resumes_when_rerun(launch, digits_shards, tmp_path):
     linger = second.drained(30)
     print(f"processes of the rerun gone {linger:.1f} s after it exited" if linger is not None
           else "some processes of the rerun outlived it by 30 s (killed at teardown)")
+
+
+def test_rank0_killed_after_commit_resumes_from_the_unrecorded_checkpoint(ray_local, digits_shards, tmp_path, capfd):
+    """Deterministic form of the race above: rank 0 dies right after its checkpoint at step
+    40 is complete in the run directory and before Ray Train records it. The restarted
+    workers resume at 40 (not at the recorded 20), adopt it into Ray's record, and
+    retention then keeps exactly the newest ``keep_checkpoints``."""
+    from faults import crash_after_commit
+
+    from cfgd.config import load_config
+    from cfgd.train import fit, run_dir
+
+    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
+        f"data.root={digits_shards}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=commit_kill",
+        "train.steps=60", "train.checkpoint_every=20", "train.keep_checkpoints=2", "train.max_failures=1",
+        "train.log_every=10"])
+    marker = tmp_path / "killed"
+    result = fit(cfg, loop_fn=crash_after_commit(40, marker))
+    out = capfd.readouterr().out
+    assert marker.exists(), "the fault was not injected"
+    assert result.metrics["step"] == 60
+    assert _resumed_step_of(out) == 40, out[-4000:]
+    assert "checkpoint_unrecorded_40 (step 40, not recorded by Ray Train)" in out
+    found = find_checkpoints(run_dir(cfg.train))
+    assert [s for s, _ in found] == [40, 60], found  # 20 retired by Ray's retention after the adoption
+    assert load_checkpoint(found[-1][1]).meta["started_at_step"] == 40
+    snapshot = (run_dir(cfg.train) / SNAPSHOT).read_text()
+    assert "checkpoint_unrecorded_40" in snapshot, "the resumed-from checkpoint was not adopted into Ray's record"
+
+
+def _resumed_step_of(text: str) -> int | None:
+    m = RESUME_RE.search(text)
+    return int(m.group(1)) if m else None

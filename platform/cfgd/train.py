@@ -3,9 +3,10 @@
 The loop runs on every worker with only what it is handed (the resolved config
 and the dataset's description); nothing reads the launching script's globals.
 Rank 0 writes checkpoints every ``train.checkpoint_every`` steps through
-``ray.train.report``; a rerun with the same run name resumes from the newest one
-that Ray Train has registered (one written in the last moments before a crash may
-not be, and is then redone).
+``ray.train.report``. A restarted worker group, or a rerun with the same run name,
+resumes from the newest checkpoint in the run directory that verifies, including one
+written in the moments before a crash that Ray Train had not recorded yet
+(:mod:`cfgd.resume`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 
 from cfgd import config as cfglib
+from cfgd import resume as resumelib
 from cfgd import storage
-from cfgd.checkpoint import load_checkpoint, write_checkpoint
+from cfgd.checkpoint import Checkpoint, write_checkpoint
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.guidance import null_label
 from cfgd.model import ModelSpec, build_model, count_params
@@ -100,16 +102,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     step, epoch = 0, 0
 
-    resume = ray.train.get_checkpoint()
+    resume = _resume_point(rank, world)
     if resume is not None:
-        with resume.as_directory() as d:
-            ck = load_checkpoint(d, with_optimizer=True)
-        model.load_state_dict(ck.model_state)
-        ema.state = {k: v.to(device) for k, v in ck.ema_state.items()}
-        opt.load_state_dict(ck.optimizer_state)
-        step, epoch = ck.step, int(ck.meta["epoch"])
+        model.load_state_dict(resume.model_state)
+        ema.state = {k: v.to(device) for k, v in resume.ema_state.items()}
+        opt.load_state_dict(resume.optimizer_state)
+        step, epoch = resume.step, int(resume.meta["epoch"])
         if rank == 0:
-            _log(f"resuming from checkpoint at step {step} (epoch {epoch}): {ck.path}")
+            _log(f"resuming from checkpoint at step {step} (epoch {epoch}): {resume.path}")
     _log(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}")
     if resume is None and rank == 0:
         _log(f"starting a new run: model {spec.size!r} ({count_params(model) / 1e6:.2f} M parameters), "
@@ -199,12 +199,72 @@ def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) ->
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
+        # The metrics go into meta.json too, so that a checkpoint Ray Train did not get to
+        # record can be adopted later with the same score (see _resume_point).
         path = write_checkpoint(
             Path(tmp) / "ckpt", model_state=model.state_dict(), ema_state=ema.state,
             optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
-            step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)), extra=extra)
+            step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)),
+            extra={**extra, "metrics": metrics})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
     _log(f"checkpoint at step {step}")
+
+
+def _recorded_paths() -> set[str]:
+    """Paths of the checkpoints Ray Train's controller has recorded for this run."""
+    import ray.train
+
+    try:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=60)
+        paths = {r.checkpoint.path for r in reported}
+    except Exception as err:  # noqa: BLE001 - any failure: fall back to the one Ray hands us
+        _log(f"could not list Ray Train's recorded checkpoints ({type(err).__name__}: {err}); "
+             "using its latest only")
+        paths = set()
+    latest = ray.train.get_checkpoint()
+    return paths | ({latest.path} if latest is not None else set())
+
+
+def _resume_point(rank: int, world: int) -> Checkpoint | None:
+    """The checkpoint every rank resumes from (None: a new run), chosen once by rank 0.
+
+    Rank 0 picks the newest verified checkpoint in the run directory (cfgd.resume) and
+    broadcasts its path; every rank loads it. A chosen checkpoint Ray Train had not
+    recorded is then reported to Ray as it is (no upload), so Ray's retention manages it
+    from here on, and the other unrecorded directories are deleted. Every rank has loaded
+    its weights before that report (a collective), so retention cannot delete a
+    checkpoint while it is being resumed from.
+    """
+    import ray.train
+
+    store = ray.train.get_context().get_storage()  # the run directory and its filesystem
+    fs, run_path = store.storage_filesystem, store.experiment_fs_path
+    point = None
+    if rank == 0:
+        point = resumelib.choose(fs, run_path, _recorded_paths())
+        for line in point.explain():
+            _log(line)
+    choice = [(point.chosen.path, point.chosen.recorded) if point and point.chosen else None]
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    path, recorded = choice[0]
+    ck = point.checkpoint if rank == 0 else resumelib.load(fs, path)
+    if not recorded:
+        metrics = {"loss": float("inf"), **ck.meta.get("metrics", {}), "step": ck.step, "adopted": True}
+        if rank == 0:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path, filesystem=fs),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:
+            ray.train.report(metrics)
+    if rank == 0:
+        stale = resumelib.stale(point)
+        resumelib.delete(fs, stale)
+        for c in stale:
+            _log(f"deleted unrecorded checkpoint directory {c.describe()}")
+    return ck
 
 
 def init_ray(tc: cfglib.TrainConfig) -> None:
@@ -236,8 +296,10 @@ def run_uri(tc: cfglib.TrainConfig) -> str:
     return str(run_dir(tc))
 
 
-def fit(cfg: cfglib.Config):
+def fit(cfg: cfglib.Config, loop_fn=None):
     """Train with Ray Train as configured; returns the ``ray.train.Result``.
+
+    ``loop_fn`` replaces :func:`train_loop_per_worker` (tests wrap it to inject faults).
 
     Checks storage access and validates the dataset on the driver first (schema and
     labels), so a wrong endpoint, a missing bucket or a bad shard fails in seconds
@@ -269,7 +331,7 @@ def fit(cfg: cfglib.Config):
     if cfg.train.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop_fn or train_loop_per_worker,
         # Workers never need the storage credentials (Ray Train moves checkpoints with
         # storage_filesystem), so they get the masked config, which Ray may display.
         train_loop_config={"config": cfglib.masked(cfglib.to_dict(cfg)),
