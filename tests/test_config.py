@@ -35,7 +35,9 @@ def test_defaults_are_safe_on_a_two_core_machine():
     (["diffusion.schedule=quadratic"], "diffusion.schedule='quadratic'.*cosine"),
     (["model.size=huge"], "model.size='huge'.*tiny"),
     (["diffusion.p_uncond=1.5"], "diffusion.p_uncond"),
-    (["sample.steps=5000"], "sample.steps"),
+    (["sample.steps=0"], "sample.steps"),
+    (["sample.eta=1e300"], "sample.eta"),
+    (["sample.solver=dpm++2m", "sample.rule=cfg++"], "sample.rule"),
     (["sample.w=[1]", "sample.guidance_scale=[2]"], "not both"),
     (["train.steps"], "key=value"),
 ])

@@ -7,8 +7,27 @@ import pytest
 import torch
 
 from cfgd.diffusion import drop_labels, make_schedule, q_sample, training_loss
-from cfgd.guidance import GuidedEps, combine, null_label, resolve_w
-from cfgd.sampling import ddim_coefficients, ddim_sample, ddim_timesteps
+from pydantic import ValidationError
+
+from cfgd.guidance import GuidedDenoiser, combine, null_label
+from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample
+
+
+def ddim_sample(eps_fn, schedule, labels, seeds, shape, steps=50, eta=0.0, spacing="trailing", w=0.0,
+                null_label=None, interval=None, rescale=0.0, clip=False):
+    """DDIM through the sampling plan: per-row w (a number or one per row), no clipping by default."""
+    B = labels.shape[0]
+    ws = [float(v) for v in (w.tolist() if torch.is_tensor(w) else w if isinstance(w, (list, tuple)) else [w] * B)]
+    rows = tuple(Guidance(w=v, interval=interval, rescale=rescale, clip=clip) for v in ws)
+    plan = SamplingPlan(solver=Solver(name="ddim", steps=steps, eta=eta, spacing=spacing), rows=rows)
+    return sample(eps_fn, schedule, labels, seeds, shape, plan, null_label=null_label)
+
+
+def guided_eps(f, schedule, y, w, null, x, t):
+    """ε̂ of GuidedDenoiser at one timestep (no clipping, so ε̂ is what re-noises)."""
+    plan = SamplingPlan(rows=tuple(Guidance(w=float(v), clip=False) for v in w))
+    return GuidedDenoiser(f, schedule, y, plan, null)(x, t).eps
 
 
 # §1 schedules -----------------------------------------------------------------
@@ -73,20 +92,21 @@ def test_paper_form_equals_guidance_scale_form():
     ec, eu = _eps_pair()
     w = torch.tensor([0.3, 1.0, 2.5, 4.0])
     s = 1 + w
-    paper = combine(ec, eu, resolve_w(w=w))
-    hf = combine(ec, eu, resolve_w(guidance_scale=s))
+    paper = combine(ec, eu, torch.tensor([Guidance(w=float(v)).w for v in w]))
+    hf = combine(ec, eu, torch.tensor([Guidance(guidance_scale=float(v)).w for v in s]))
     expected = (1 - s)[:, None, None, None] * eu + s[:, None, None, None] * ec
     assert torch.allclose(paper, expected, atol=1e-6) and torch.allclose(hf, expected, atol=1e-6)
 
 
 def test_w_and_guidance_scale_together_is_an_error():
-    with pytest.raises(ValueError, match="not both"):
-        resolve_w(w=1.0, guidance_scale=2.0)
+    with pytest.raises(ValidationError, match="not both"):
+        Guidance(w=1.0, guidance_scale=2.0)
 
 
 def test_non_finite_w_is_refused():
-    with pytest.raises(ValueError, match="finite"):
-        resolve_w(w=[1.0, float("nan")])
+    for bad in (float("nan"), float("inf"), 1e300):
+        with pytest.raises(ValidationError, match="w"):
+            Guidance(w=bad)
 
 
 def test_rescale_matches_conditional_std():
@@ -116,7 +136,7 @@ def test_batched_2b_forward_equals_two_separate_calls():
     t = torch.full((5,), 500)
     y = torch.tensor([0, 1, 2, 3, 1])
     w = torch.tensor([1.0, 2.0, 0.5, 3.0, 4.0], dtype=torch.float64)
-    guided = GuidedEps(f, y, w, null=10)(x, t, y)
+    guided = guided_eps(f, make_schedule("linear", 1000), y, w, 10, x, 500)
     assert f.calls == 1 and f.rows == 10  # one forward of 2B rows
     ec, eu = f(x, t, y), f(x, t, torch.full_like(y, 10))
     assert torch.allclose(guided, combine(ec, eu, w), atol=1e-6)
@@ -128,14 +148,15 @@ def test_rows_that_need_one_half_pay_for_one_half():
     t = torch.full((4,), 500)
     y = torch.tensor([0, 1, 2, 3])
     w = torch.tensor([0.0, -1.0, 2.0, 0.0], dtype=torch.float64)
-    out = GuidedEps(f, y, w, null=10)(x, t, y)
+    s = make_schedule("linear", 1000)
+    out = guided_eps(f, s, y, w, 10, x, 500)
     assert f.calls == 1 and f.rows == 5  # cond for rows 0, 2, 3; uncond for rows 1, 2
     ec, eu = f(x, t, y), f(x, t, torch.full_like(y, 10))
     assert torch.allclose(out[[0, 3]], ec[[0, 3]], atol=1e-6)
     assert torch.allclose(out[1], eu[1], atol=1e-6)
     assert torch.allclose(out[2], 3 * ec[2] - 2 * eu[2], atol=1e-6)
     f2 = CountingEps()
-    GuidedEps(f2, y, torch.zeros(4, dtype=torch.float64), null=10)(x, t, y)
+    guided_eps(f2, s, y, torch.zeros(4, dtype=torch.float64), 10, x, 500)
     assert f2.rows == 4  # w = 0 everywhere: the conditional half only
 
 
@@ -284,5 +305,5 @@ def test_seed_fixes_the_sample():
 
 def test_guidance_without_null_label_is_an_error():
     s = make_schedule("cosine", 100)
-    with pytest.raises(ValueError, match="null_label"):
+    with pytest.raises(ValueError, match="null label"):
         ddim_sample(CountingEps(), s, torch.tensor([1]), [0], (1, 2, 2), steps=2, w=1.0)

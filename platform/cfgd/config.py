@@ -16,11 +16,12 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pydantic import ValidationError
 
+from cfgd.plan import Guidance, SamplingPlan, Solver, first_error
 from cfgd.storage import StorageOptions
 
 SCHEDULES = ("linear", "cosine")
-SPACINGS = ("leading", "trailing", "linspace")
 SOURCES = ("fashion_mnist", "idx", "folder", "npz")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -85,12 +86,21 @@ class SampleConfig:
     w: Optional[list[float]] = None  # guidance strengths (paper form); default [0, 1, 3]
     guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
     per_cell: int = 4  # samples per (class, w) cell
+    solver: str = "ddim"  # ddim | dpm++2m (cfgd.plan.SOLVERS)
     steps: int = 50
-    eta: float = 0.0
-    spacing: str = "trailing"  # one of SPACINGS
+    eta: float = 0.0  # DDIM eta in [0, 1]
+    spacing: Optional[str] = None  # leading | trailing | linspace | logsnr; null = the solver's default
+    rule: str = "cfg"  # cfg | cfg++ | apg | cfg_zero_star | autoguidance (README: guidance rules)
+    lam: float = 1.0  # CFG++ lambda in [0, 1]
+    apg_beta: float = 0.0  # APG momentum beta in [-1, 1)
+    apg_r: Optional[float] = None  # APG norm cap r > 0; null = none
+    apg_eta: float = 1.0  # APG weight of the parallel component, [0, 1]
+    weight_schedule: str = "constant"  # constant | linear | cosine: w_t = w * g(1 - t/T)
     guidance_interval: Optional[list[int]] = None  # [t_lo, t_hi]: guide only there
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023); 0 = off
     clip_denoised: bool = True
+    threshold: Optional[float] = None  # dynamic thresholding quantile p in [0.5, 1]; null = off
+    guide: str = ""  # autoguidance: the guiding checkpoint (e.g. an earlier one of the same run)
     use_ema: bool = True
     batch_size: int = 256  # rows per sampling batch (results do not depend on it)
     seed: int = 0
@@ -122,7 +132,6 @@ def validate(cfg: Config) -> Config:
     """Check values that types alone cannot (choices, ranges). Returns cfg."""
     _choice("data.source", cfg.data.source, SOURCES)
     _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
-    _choice("sample.spacing", cfg.sample.spacing, SPACINGS)
     _choice("train.placement_strategy", cfg.train.placement_strategy, PLACEMENTS)
     from cfgd.model import MODEL_SIZES  # the registry owns the valid names
 
@@ -139,9 +148,6 @@ def validate(cfg: Config) -> Config:
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1"),
         ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "in [0, 1)"),
         ("data.rows_per_shard", cfg.data.rows_per_shard >= 1, ">= 1"),
-        ("sample.steps", 1 <= cfg.sample.steps <= cfg.diffusion.timesteps,
-         f"in [1, diffusion.timesteps={cfg.diffusion.timesteps}]"),
-        ("sample.eta", cfg.sample.eta >= 0.0, ">= 0"),
         ("sample.per_cell", cfg.sample.per_cell >= 1, ">= 1"),
         ("sample.batch_size", cfg.sample.batch_size >= 1, ">= 1"),
     ]
@@ -151,9 +157,49 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}={value!r} is not valid; it must be {valid}")
     if cfg.train.keep_best_by not in ("", "loss"):
         raise ConfigError(f"train.keep_best_by={cfg.train.keep_best_by!r} is not valid; choose '' or 'loss'")
-    if cfg.sample.w is not None and cfg.sample.guidance_scale is not None:
-        raise ConfigError("give sample.w or sample.guidance_scale, not both (guidance_scale = 1 + w)")
+    config_plan(cfg.sample)  # the sampling settings, bounded by the plan itself
     return cfg
+
+
+# Where a SampleConfig key lands in the plan (sample.<key> ↔ Guidance / Solver field).
+_GUIDANCE_KEYS = {"rule": "rule", "lam": "lam", "apg_beta": "apg_beta", "apg_r": "apg_r", "apg_eta": "apg_eta",
+                  "weight_schedule": "schedule", "guidance_interval": "interval", "rescale": "rescale",
+                  "clip_denoised": "clip", "threshold": "threshold", "guide": "guide"}
+_SOLVER_KEYS = {"solver": "name", "steps": "steps", "spacing": "spacing", "eta": "eta"}
+
+
+def _config_error(err: ValidationError, keys: dict[str, str], prefix: str) -> ConfigError:
+    field_name, msg = first_error(err)
+    key = next((k for k, v in keys.items() if v == field_name), field_name)
+    return ConfigError(f"{prefix}{key}: {msg}" if not msg.startswith(f"{field_name}=") else
+                       f"{prefix}{key}{msg[len(field_name):]}")
+
+
+def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
+    """The CLI edge: the solver and one Guidance per grid column (a w value), from ``sample.*``.
+
+    Raises ConfigError naming the ``sample.`` key of the first bad value.
+    """
+    try:
+        solver = Solver.model_validate({v: getattr(sc, k) for k, v in _SOLVER_KEYS.items()})
+    except ValidationError as err:
+        raise _config_error(err, _SOLVER_KEYS, "sample.") from None
+    common = {v: getattr(sc, k) for k, v in _GUIDANCE_KEYS.items()}
+    common["guide"] = common["guide"] or None
+    common["interval"] = tuple(common["interval"]) if common["interval"] is not None else None
+    w, gs = sc.w, sc.guidance_scale
+    if w is None and gs is None:
+        w = [0.0, 1.0, 3.0]
+    n = max(len(w or []), len(gs or []))
+    columns = []
+    try:
+        for i in range(n):
+            columns.append(Guidance.model_validate({**common, "w": w[i] if w and i < len(w) else None,
+                                                    "guidance_scale": gs[i] if gs and i < len(gs) else None}))
+        SamplingPlan(solver=solver, rows=tuple(columns))
+    except ValidationError as err:
+        raise _config_error(err, {**_GUIDANCE_KEYS, "w": "w", "solver": "solver"}, "sample.") from None
+    return solver, columns
 
 
 def load_structured(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:

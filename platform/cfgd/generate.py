@@ -6,19 +6,20 @@ runs the same sampler on the same weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
-from cfgd.config import SampleConfig
+from cfgd.config import SampleConfig, config_plan
 from cfgd.diffusion import EpsFn, make_schedule
-from cfgd.guidance import null_label, resolve_w
-from cfgd.sampling import ddim_sample
+from cfgd.guidance import null_label
+from cfgd.plan import SamplingPlan
+from cfgd.sampling import sample
 from cfgd.storage import StorageOptions, is_remote
 
 
@@ -85,6 +86,8 @@ class Generator:
     device: torch.device
     rows_per_call: int = 0
     channels_last: bool = False
+    storage: StorageOptions | None = field(default=None, repr=False)
+    _guides: dict = field(default_factory=dict, repr=False)  # autoguidance networks loaded by URI
 
     @classmethod
     def load(cls, path: str | Path, use_ema: bool = True, device: str = "cpu",
@@ -96,7 +99,7 @@ class Generator:
         """
         ck = load_checkpoint(fetch_checkpoint(str(path), storage))
         model, rows, nhwc = prepare_network(ck.build(ema=use_ema), device, rows_per_call, channels_last)
-        return cls(ck, model, torch.device(device), rows, nhwc)
+        return cls(ck, model, torch.device(device), rows, nhwc, storage)
 
     def eps_fn(self) -> EpsFn:
         """This generator's network behind the sampler's seam."""
@@ -111,36 +114,63 @@ class Generator:
         s = self.checkpoint.spec
         return (s.in_channels, s.image_size, s.image_size)
 
-    def schedule(self):
-        d = self.checkpoint.meta["config"]["diffusion"]
-        return make_schedule(d["schedule"], d["timesteps"])
+    @property
+    def diffusion(self) -> dict:
+        return self.checkpoint.meta["config"]["diffusion"]
 
-    def sample(self, labels: Sequence[int], seeds: Sequence[int], w, steps: int = 50, eta: float = 0.0,
-               spacing: str = "trailing", interval=None, rescale: float = 0.0,
-               clip_denoised: bool = True, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Images in [-1, 1], (N, C, H, W) float32 CPU. ``w``: scalar or N values.
+    @property
+    def timesteps(self) -> int:
+        return int(self.diffusion["timesteps"])
+
+    def schedule(self):
+        return make_schedule(self.diffusion["schedule"], self.timesteps)
+
+    def check_guide(self, guide: "Generator", name: str) -> None:
+        """Autoguidance needs a guiding network that denoises the same problem."""
+        mine = (self.timesteps, self.diffusion["schedule"], self.shape, self.num_classes)
+        theirs = (guide.timesteps, guide.diffusion["schedule"], guide.shape, guide.num_classes)
+        if mine != theirs:
+            raise ValueError(f"guide {name!r} does not match the checkpoint: (T, schedule, image shape, classes) "
+                             f"{theirs} vs {mine}")
+
+    def guide_fns(self, plan: SamplingPlan, guides: Mapping[str, "Generator"] | None = None) -> dict[str, EpsFn]:
+        """eps_fns of the plan's guiding networks: from ``guides`` (name → Generator), else
+        each ``guide`` loaded as a checkpoint URI (once per Generator)."""
+        out = {}
+        for name in plan.guides:
+            if guides is not None and name in guides:
+                gen = guides[name]
+            else:
+                if name not in self._guides:
+                    self._guides[name] = Generator.load(name, device=str(self.device), storage=self.storage,
+                                                        rows_per_call=self.rows_per_call,
+                                                        channels_last=self.channels_last)
+                gen = self._guides[name]
+            self.check_guide(gen, name)
+            out[name] = gen.eps_fn()
+        return out
+
+    def sample(self, labels: Sequence[int], seeds: Sequence[int], plan: SamplingPlan,
+               guides: Mapping[str, "Generator"] | None = None, batch_size: int = 256,
+               progress: bool = False) -> torch.Tensor:
+        """Images in [-1, 1], (N, C, H, W) float32 CPU; ``plan`` has one row per image.
 
         Rows are sampled in chunks of ``batch_size``; each row depends only on its own
-        label, w and seed, so the chunking does not change the result.
+        label, plan row and seed, so the chunking does not change the result.
         """
         labels_t = torch.as_tensor(list(labels), dtype=torch.long)
         bad = [int(v) for v in labels_t if not 0 <= v < self.num_classes]
         if bad:
             raise ValueError(f"class labels {bad} are outside [0, {self.num_classes})")
-        n = len(labels_t)
-        w_t = resolve_w(w, batch=n)
-        bounds = None
-        if interval is not None:  # per-row (n,) bounds or scalars, sliced with the rows below
-            bounds = [torch.as_tensor(b, dtype=torch.float64).expand(n) for b in interval]
-        schedule = self.schedule()
+        plan.check(self.timesteps)
+        guide_fns = self.guide_fns(plan, guides)
+        schedule, eps_fn, n = self.schedule(), self.eps_fn(), len(labels_t)
         outs = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            outs.append(ddim_sample(
-                self.eps_fn(), schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
-                steps=steps, eta=eta, spacing=spacing, w=w_t[lo:hi], null_label=null_label(self.num_classes),
-                interval=None if bounds is None else (bounds[0][lo:hi], bounds[1][lo:hi]), rescale=rescale,
-                clip_denoised=clip_denoised, device=self.device, progress=progress).cpu())
+            outs.append(sample(eps_fn, schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
+                               plan.select(lo, hi), null_label=null_label(self.num_classes), guides=guide_fns,
+                               device=self.device, progress=progress).cpu())
         return torch.cat(outs)
 
 
@@ -171,25 +201,23 @@ def sample_grid(sc: SampleConfig, device: str = "cpu", storage: StorageOptions |
     columns differ only by guidance. Writes ``grid.png`` and ``samples.npz`` (images
     uint8 NHWC, labels, w, guidance_scale, seeds) and returns their paths.
     """
+    solver, columns = config_plan(sc)
     gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
-    if sc.w is None and sc.guidance_scale is None:
-        ws = [0.0, 1.0, 3.0]
-    else:
-        ws = resolve_w(sc.w, sc.guidance_scale).reshape(-1).tolist()
-    labels, w_rows, seeds = [], [], []
+    labels, rows, seeds = [], [], []
     for c in classes:
-        for w in ws:
+        for g in columns:
             for j in range(sc.per_cell):
                 labels.append(c)
-                w_rows.append(w)
+                rows.append(g)
                 seeds.append(sc.seed + c * sc.per_cell + j)
+    plan = SamplingPlan(solver=solver, rows=tuple(rows))
+    ws = [g.w for g in columns]
+    rule = columns[0].rule
     print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
-          f"{len(labels)} samples: classes {classes} × w {ws} × {sc.per_cell}, {sc.steps} DDIM steps, eta {sc.eta}",
-          flush=True)
-    images = gen.sample(labels, seeds, w_rows, steps=sc.steps, eta=sc.eta, spacing=sc.spacing,
-                        interval=sc.guidance_interval, rescale=sc.rescale, clip_denoised=sc.clip_denoised,
-                        batch_size=sc.batch_size, progress=True)
+          f"{len(labels)} samples: classes {classes} × w {ws} × {sc.per_cell}, rule {rule}, "
+          f"{solver.steps} {solver.name} steps, eta {solver.eta}", flush=True)
+    images = gen.sample(labels, seeds, plan, batch_size=sc.batch_size, progress=True)
     u8 = to_uint8(images)
     if sc.out:
         out = Path(sc.out)
@@ -200,7 +228,7 @@ def sample_grid(sc: SampleConfig, device: str = "cpu", storage: StorageOptions |
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
     make_grid(u8, len(classes), len(ws), per_cell=sc.per_cell).save(grid_path)
-    w_arr = np.asarray(w_rows, dtype=np.float64)
+    w_arr = np.asarray([g.w for g in rows], dtype=np.float64)
     np.savez_compressed(npz_path, images=u8, labels=np.asarray(labels, dtype=np.int64), w=w_arr,
                         guidance_scale=1 + w_arr, seeds=np.asarray(seeds, dtype=np.int64),
                         label_names=np.asarray(gen.checkpoint.label_names))

@@ -1,8 +1,9 @@
-"""DDIM sampling with classifier-free guidance over any ``eps_fn`` (cfg-math.md §5).
+"""Guided sampling over any ``eps_fn``: the solvers and the one entry point :func:`sample`.
 
-The sampler never sees a network: it calls ``eps_fn(x_t, t, labels) -> ε``. With
-``w`` (or ``guidance_scale``) given, that callable is wrapped by
-:class:`cfgd.guidance.GuidedEps`, the one place guidance happens.
+The sampler never sees a network: it calls ``eps_fn(x_t, t, labels) -> ε`` through
+:class:`cfgd.guidance.GuidedDenoiser`, the one place guidance happens. A solver is a
+function ``(denoise, schedule, ts, x, generators, solver) -> x_0`` in :data:`SOLVERS`;
+a new one (UniPC, DPM-Solver++(3M), an SDE variant) is one more entry.
 
 Every sample owns a seed: its starting noise and any η-noise come from its own
 generator, so a sample is the same image alone or inside any batch.
@@ -11,28 +12,42 @@ generator, so a sample is the same image alone or inside any batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cfgd.diffusion import EpsFn, Schedule
-from cfgd.guidance import GuidedEps, resolve_w
+from cfgd.guidance import GuidedDenoiser
+from cfgd.plan import SPACINGS, SamplingPlan, Solver
 
-SPACINGS = ("leading", "trailing", "linspace")
+Denoise = Callable[[torch.Tensor, int], "object"]  # (x_t, t) -> cfgd.guidance.Denoised
 
 
-def ddim_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+def ddim_timesteps(T: int, steps: int, spacing: str = "trailing", alphas_cumprod=None) -> list[int]:
     """Strided timesteps in 1..T, strictly decreasing, ``steps`` of them.
 
     leading: 1, 1+k, 1+2k, … (k = T // steps); trailing: T, T−T/steps, … (always starts
-    at the noisiest t = T); linspace: evenly spread over [1, T] including both ends.
+    at the noisiest t = T); linspace: evenly spread over [1, T] including both ends;
+    logsnr: from T to 1, evenly spread in log-SNR λ = log(√ᾱ/√(1−ᾱ)) (DPM-Solver's
+    choice for low-resolution images; needs ``alphas_cumprod``), nudged apart where
+    several would round to one integer t.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+    if spacing == "logsnr":
+        if alphas_cumprod is None:
+            raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
+        ab = np.asarray(alphas_cumprod, dtype=np.float64)
+        lam = 0.5 * np.log(ab / (1 - ab))  # rises as t falls
+        out: list[int] = []
+        for i, v in enumerate(np.linspace(lam[-1], lam[0], steps)):
+            t = int(np.argmin(np.abs(lam - v))) + 1
+            out.append(min(max(t, steps - i), out[-1] - 1 if out else T))
+        return out
     if spacing == "leading":
         ts = np.arange(steps) * (T // steps) + 1
     elif spacing == "trailing":
@@ -66,57 +81,89 @@ def seeded_noise(generators: list[torch.Generator], shape: Sequence[int]) -> tor
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
-@torch.inference_mode()
-def ddim_sample(
-    eps_fn: EpsFn,
-    schedule: Schedule,
-    labels: torch.Tensor,
-    seeds: Sequence[int],
-    shape: Sequence[int],
-    steps: int = 50,
-    eta: float = 0.0,
-    spacing: str = "trailing",
-    w=None,
-    guidance_scale=None,
-    null_label: int | None = None,
-    interval: Sequence | None = None,
-    rescale: float = 0.0,
-    clip_denoised: bool = False,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> torch.Tensor:
-    """Guided DDIM from x_T ~ N(0, I) to x_0.
+# --------------------------------------------------------------------------- solvers
 
-    labels: (B,) int64 class labels; seeds: B ints, one per sample; shape: (C, H, W).
-    w / guidance_scale: scalar or (B,) (at most one of them). Without either, ``eps_fn``
-    is used unguided. ``null_label`` is required for guidance. ``interval`` = (t_lo, t_hi).
+
+def ddim(denoise: Denoise, schedule: Schedule, ts: list[int], x: torch.Tensor,
+         generators: list[torch.Generator], solver: Solver) -> torch.Tensor:
+    """DDIM (Song et al. 2021; cfg-math.md §5): x_t' = √ᾱ_t'·x̂0 + √(1−ᾱ_t'−σ²)·ε + σ·z."""
+    shape = x.shape[1:]
+    for t, (_, _, sa_p, dir_p, sigma) in zip(ts, ddim_coefficients(schedule, ts, solver.eta)):
+        d = denoise(x, t)
+        x = sa_p * d.x0 + dir_p * d.eps
+        if sigma > 0:
+            x = x + sigma * seeded_noise(generators, shape).to(x.device)
+    return x
+
+
+def dpm_solver_pp_2m(denoise: Denoise, schedule: Schedule, ts: list[int], x: torch.Tensor,
+                     generators: list[torch.Generator], solver: Solver) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095) in data prediction.
+
+    With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_next − λ_now, a step is
+    x ← (σ_next/σ_now)·x − α_next·(e^{−h} − 1)·D, where D is the guided x̂0 (first
+    order) or (1 + 1/(2r))·x̂0_now − 1/(2r)·x̂0_prev with r = h_prev/h (second order).
+    The first step is first order (no history yet), and so is the last, which lands on
+    x̂0 (σ = 0: "lower-order final", as diffusers' DPMSolverMultistepScheduler with
+    lower_order_final=True, final_sigmas_type="zero").
+    """
+    ab = schedule.alphas_cumprod
+    alpha = [math.sqrt(float(ab[t - 1])) for t in ts] + [1.0]
+    sigma = [math.sqrt(1 - float(ab[t - 1])) for t in ts] + [0.0]
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    n = len(ts)
+    prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        d0 = denoise(x, t).x0
+        h = lam[i + 1] - lam[i]
+        c = alpha[i + 1] * math.expm1(-h)  # α_next·(e^{−h} − 1); = −1 on the final step
+        first = prev is None or i == n - 1
+        x = (sigma[i + 1] / sigma[i]) * x - c * d0
+        if not first:
+            r = h_prev / h
+            x = x - (0.5 * c / r) * (d0 - prev)
+        prev, h_prev = d0, h
+    return x
+
+
+SOLVERS: dict[str, Callable] = {"ddim": ddim, "dpm++2m": dpm_solver_pp_2m}
+
+
+# ------------------------------------------------------------------------ entry point
+
+
+@torch.inference_mode()
+def sample(eps_fn: EpsFn, schedule: Schedule, labels: torch.Tensor, seeds: Sequence[int], shape: Sequence[int],
+           plan: SamplingPlan, null_label: int | None = None, guides: Mapping[str, EpsFn] | None = None,
+           device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+    """Sample x_0 from x_T ~ N(0, I) as ``plan`` says.
+
+    labels: (B,) int64 class labels; seeds: B ints, one per sample; shape: (C, H, W);
+    plan: B rows (cfgd.plan). ``null_label`` is needed when a row uses ε_u; ``guides``
+    maps each autoguidance row's ``guide`` to its network's eps_fn.
     Returns x_0: (B, C, H, W) float32 on ``device``.
     """
     B = labels.shape[0]
-    if len(seeds) != B:
-        raise ValueError(f"need one seed per sample: {B} labels but {len(seeds)} seeds")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if len(seeds) != B or len(plan) != B:
+        raise ValueError(f"need one seed and one plan row per sample: {B} labels, {len(seeds)} seeds, "
+                         f"{len(plan)} plan rows")
+    plan.check(schedule.T)
     device = torch.device(device)
     labels = labels.to(device)
-    if w is not None or guidance_scale is not None:
-        if null_label is None:
-            raise ValueError("guidance needs null_label (cfgd.guidance.null_label(num_classes))")
-        eps_fn = GuidedEps(eps_fn, labels, resolve_w(w, guidance_scale, B), null_label, interval, rescale)
-    ts = ddim_timesteps(schedule.T, steps, spacing)
-    coefs = ddim_coefficients(schedule, ts, eta)
+    denoise = GuidedDenoiser(eps_fn, schedule, labels, plan, null_label, guides)
+    ts = ddim_timesteps(schedule.T, plan.solver.steps, plan.solver.spacing, schedule.alphas_cumprod)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = seeded_noise(generators, shape).to(device)
-    for t, (sa, s1a, sa_p, dir_p, sigma) in zip(tqdm(ts, disable=not progress, desc="DDIM"), coefs):
-        eps = eps_fn(x, torch.full((B,), t, dtype=torch.long, device=device), labels)
-        # x̂_0 = (x_t − sqrt(1−ᾱ_t)·ε̂) / sqrt(ᾱ_t)
-        x0 = (x - s1a * eps) / sa
-        if clip_denoised:
-            # Keep ε̂ consistent with the clipped x̂_0 so both terms below agree.
-            x0 = x0.clamp(-1, 1)
-            eps = (x - sa * x0) / s1a
-        # x_t' = sqrt(ᾱ_t')·x̂_0 + sqrt(1 − ᾱ_t' − σ²)·ε̂ + σ·z
-        x = sa_p * x0 + dir_p * eps
-        if sigma > 0:
-            x = x + sigma * seeded_noise(generators, shape).to(device)
-    return x
+    if progress:
+        bar = tqdm(total=len(ts), desc=plan.solver.name)
+        inner = denoise
+
+        def denoise(x, t):  # noqa: F811 - the same denoiser, ticking the bar
+            out = inner(x, t)
+            bar.update()
+            return out
+    try:
+        return SOLVERS[plan.solver.name](denoise, schedule, ts, x, generators, plan.solver)
+    finally:
+        if progress:
+            bar.close()
