@@ -10,17 +10,20 @@ the runs of the variants interleaved (round-robin) so that machine noise hits th
   floor        the network's forward passes alone (steps × 2B rows), run the way the
                platform runs it (cfgd.generate.eps_fn_of: on CPU channels-last, calls of
                at most 32 rows), no sampler
-  platform     cfgd.sampling.ddim_sample with w over that eps_fn
+  platform     cfgd.sampling.sample (DDIM, CFG with w) over that eps_fn
+  platform-dpm the same with DPM-Solver++(2M)
   floor-plain  the forward passes with the network as loaded (NCHW, one 2B-row call)
-  plain        ddim_sample over the network as loaded: the platform before issue 6's
+  plain        the platform over the network as loaded: the platform before issue 6's
                CPU execution settings
   naive        two separate forward calls per step (B rows each) + the same DDIM update
   diffusers    Hugging Face DDIMScheduler with the pipelines' CFG loop (cat([x]*2), chunk(2))
+  diffusers-dpm  the same loop with DPMSolverMultistepScheduler (dpmsolver++, order 2)
   interval     the platform with a guidance interval covering half of the steps
 
 naive and diffusers drive the network as loaded, as a user's own loop would.
-Then scaling in batch size and steps, 5 w values batched together vs 5 runs, and the
-peak memory of sampling with 10 vs 250 steps (separate processes).
+Then every solver × guidance rule against the floor (--skip-rules to skip), scaling in
+batch size and steps, 5 w values batched together vs 5 runs, and the peak memory of
+sampling with 10 vs 250 steps (separate processes).
 """
 
 from __future__ import annotations
@@ -43,7 +46,28 @@ from cfgd.diffusion import make_schedule
 from cfgd.generate import Generator, eps_fn_of, prepare_network
 from cfgd.guidance import null_label
 from cfgd.model import ModelSpec, build_model
-from cfgd.sampling import ddim_coefficients, ddim_sample, ddim_timesteps
+from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample
+
+# The rules table: (name, Guidance fields); autoguidance uses the same network as its
+# guide (a second network of the same size costs the same).
+RULE_ROWS = [("cfg", {"w": 2.0}), ("cfg++", {"rule": "cfg++", "lam": 0.6}),
+             ("apg", {"rule": "apg", "w": 2.0, "apg_beta": -0.5, "apg_r": 15.0, "apg_eta": 0.0}),
+             ("cfg_zero_star", {"rule": "cfg_zero_star", "w": 2.0}),
+             ("autoguidance", {"rule": "autoguidance", "w": 2.0, "guide": "self"}),
+             ("cfg+cosine", {"w": 2.0, "schedule": "cosine"}), ("cfg+threshold", {"w": 2.0, "threshold": 0.995})]
+
+
+def run_plan(eps_fn, schedule, labels, seeds, shape, null, steps, w=None, solver="ddim", interval=None,
+             guidance: dict | None = None):
+    """cfgd.sampling.sample with one guidance for every row (w: a number or one per row)."""
+    B = len(seeds)
+    ws = w if isinstance(w, (list, tuple)) else [w] * B
+    fields = guidance or {}
+    rows = tuple(Guidance(**{"w": v, "interval": interval, **fields}) for v in ws) if w is not None \
+        else (Guidance(interval=interval, **fields),) * B
+    plan = SamplingPlan(solver=Solver(name=solver, steps=steps), rows=rows)
+    return sample(eps_fn, schedule, labels, seeds, shape, plan, null_label=null, guides={"self": eps_fn})
 
 
 @dataclass
@@ -103,8 +127,8 @@ def variants(net: Net, B: int, steps: int, w: float):
                 fn(x, torch.full((2 * B,), t), y)
         return floor
 
-    def platform_(interval=None, fn=eps_fn):
-        ddim_sample(fn, schedule, labels, seeds, shape, steps=steps, w=w, null_label=null, interval=interval)
+    def platform_(interval=None, fn=eps_fn, solver="ddim"):
+        run_plan(fn, schedule, labels, seeds, shape, null, steps, w=w, solver=solver, interval=interval)
 
     coefs = ddim_coefficients(schedule, ts, 0.0)
 
@@ -135,23 +159,65 @@ def variants(net: Net, B: int, steps: int, w: float):
                 ec, eu = out.chunk(2)
                 x = sched.step(eu + (1 + w) * (ec - eu), t, x).prev_sample
 
+    def diffusers_dpm():
+        from diffusers import DPMSolverMultistepScheduler
+
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=schedule.T, trained_betas=schedule.betas.tolist(),
+                                            algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True,
+                                            final_sigmas_type="zero", timestep_spacing="trailing")
+        sched.set_timesteps(steps)
+        nulls = torch.full((B,), null)
+        with torch.inference_mode():
+            x = torch.randn(B, *shape)
+            for t in sched.timesteps:
+                out = model(torch.cat([x] * 2), torch.full((2 * B,), int(t) + 1), torch.cat([labels, nulls]))
+                ec, eu = out.chunk(2)
+                x = sched.step(eu + (1 + w) * (ec - eu), t, x).prev_sample
+
     half = (ts[steps // 2 - 1] if steps > 1 else ts[0], schedule.T)  # the noisiest half of the steps
-    out = {"floor": floor_of(eps_fn), "platform": platform_, "floor-plain": floor_of(plain_eps),
-           "plain": lambda: platform_(fn=plain_eps), "naive": naive, "diffusers": diffusers_,
-           "interval": lambda: platform_(interval=half)}
+    out = {"floor": floor_of(eps_fn), "platform": platform_, "platform-dpm": lambda: platform_(solver="dpm++2m"),
+           "floor-plain": floor_of(plain_eps), "plain": lambda: platform_(fn=plain_eps), "naive": naive,
+           "diffusers": diffusers_, "diffusers-dpm": diffusers_dpm, "interval": lambda: platform_(interval=half)}
     try:
         import diffusers  # noqa: F401
     except ImportError:
         print("diffusers is not installed (pip install -e '.[bench]'): skipping that row")
-        del out["diffusers"]
+        del out["diffusers"], out["diffusers-dpm"]
     return out
+
+
+def rules_table(net: Net, B: int, steps: int, repeats: int) -> None:
+    """Each solver × rule against the floor (2B network rows per step, no sampler)."""
+    shape, schedule, null = net.shape, net.schedule, null_label(net.num_classes)
+    labels, seeds = torch.arange(B) % net.num_classes, list(range(B))
+    ts = ddim_timesteps(schedule.T, steps, "trailing")
+
+    @torch.inference_mode()
+    def floor():
+        x = torch.randn(2 * B, *shape)
+        y = torch.cat([labels, torch.full((B,), null)])
+        for t in ts:
+            net.eps_fn(x, torch.full((2 * B,), t), y)
+
+    fns = {"floor": floor}
+    for solver in ("ddim", "dpm++2m"):
+        for name, fields in RULE_ROWS:
+            if name == "cfg++" and solver != "ddim":
+                continue  # CFG++ is defined for DDIM only
+            fns[f"{solver} {name}"] = (lambda s=solver, f=fields: run_plan(
+                net.eps_fn, schedule, labels, seeds, shape, null, steps, solver=s, guidance=f))
+    times = median_times(fns, repeats)
+    print(f"\nsolver × rule ({B} images, {steps} steps; floor {times['floor']:.3f} s):")
+    print(f"  {'solver rule':<26} {'seconds':>8} {'/ floor':>8}")
+    for name, t in times.items():
+        if name != "floor":
+            print(f"  {name:<26} {t:8.3f} {t / times['floor']:8.3f}")
 
 
 def mem_child(steps: int, checkpoint: str | None, B: int) -> None:
     net = load_net(checkpoint)
     nc = net.num_classes
-    ddim_sample(net.eps_fn, net.schedule, torch.arange(B) % nc, list(range(B)), net.shape, steps=steps, w=2.0,
-                null_label=null_label(nc))
+    run_plan(net.eps_fn, net.schedule, torch.arange(B) % nc, list(range(B)), net.shape, null_label(nc), steps, w=2.0)
     print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -172,6 +238,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: an untrained small UNet)")
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--skip-rules", action="store_true")
     ap.add_argument("--mem-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -191,21 +258,24 @@ def main() -> None:
     for name, t in times.items():
         print(f"{name:<12} {t:8.3f} {B / t:9.2f}")
     print(f"\nplatform / floor              {times['platform'] / times['floor']:.3f}   (target <= 1.05)")
+    print(f"platform-dpm / floor          {times['platform-dpm'] / times['floor']:.3f}   (target <= 1.05)")
     print(f"plain / floor-plain           {times['plain'] / times['floor-plain']:.3f}")
     print(f"plain / platform              {times['plain'] / times['platform']:.3f}   (speed-up of the CPU settings)")
     if "diffusers" in times:
         print(f"diffusers / platform          {times['diffusers'] / times['platform']:.3f}   (> 1: platform faster)")
         print(f"diffusers / plain             {times['diffusers'] / times['plain']:.3f}   (same network calls)")
+        print(f"diffusers-dpm / platform-dpm  {times['diffusers-dpm'] / times['platform-dpm']:.3f}   (> 1: platform faster)")
     print(f"naive / platform              {times['naive'] / times['platform']:.3f}")
     print(f"full / interval (half)        {times['platform'] / times['interval']:.3f}   (expected ~1.33)")
+    if not args.skip_rules:
+        rules_table(net, B, steps, args.repeats)
     if args.skip_scale:
         return
 
     eps_fn, null = net.eps_fn, null_label(nc)
 
     def run(b, s, w=args.w):
-        return lambda: ddim_sample(eps_fn, schedule, torch.arange(b) % nc, list(range(b)), shape, steps=s, w=w,
-                                   null_label=null)
+        return lambda: run_plan(eps_fn, schedule, torch.arange(b) % nc, list(range(b)), shape, null, s, w=w)
 
     print("\nscale in batch size (10 steps):")
     base = None
@@ -219,9 +289,9 @@ def main() -> None:
         print(f"  steps {s:>4}: {t:7.3f} s  {t / s * 1000:7.1f} ms/step")
     ws = [0.0, 0.5, 1.0, 2.0, 4.0]
     per = max(1, B // len(ws))
-    together = median_time(lambda: ddim_sample(
-        eps_fn, schedule, torch.arange(per * len(ws)) % nc, list(range(per * len(ws))), shape, steps=steps,
-        w=torch.tensor([w for w in ws for _ in range(per)]), null_label=null), 1)
+    together = median_time(lambda: run_plan(
+        eps_fn, schedule, torch.arange(per * len(ws)) % nc, list(range(per * len(ws))), shape, null, steps,
+        w=[w for w in ws for _ in range(per)]), 1)
     separate = median_time(lambda: [run(per, steps, w)() for w in ws], 1)
     print(f"sweep of 5 w values x {per} images: batched {together:.3f} s, 5 separate runs {separate:.3f} s "
           f"(ratio {separate / together:.2f})")

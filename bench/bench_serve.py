@@ -57,6 +57,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def bench_in_process(checkpoint: str, args) -> dict:
     from cfgd import serving
+    from cfgd.plan import Guidance, SamplingPlan, Solver
 
     torch.set_num_threads(args.threads)
     gen = serving.load_generator(checkpoint, None, args.pad_rows)
@@ -67,7 +68,8 @@ def bench_in_process(checkpoint: str, args) -> dict:
         labels = [rng.randrange(gen.num_classes) for _ in range(rows)]
         ws = [rng.uniform(0, 4) for _ in range(rows)]
         seeds = [rng.randrange(2**31) for _ in range(rows)]
-        return gen.sample(labels, seeds, ws, steps=args.steps, batch_size=rows)
+        plan = SamplingPlan(solver=Solver(steps=args.steps), rows=tuple(Guidance(w=w) for w in ws))
+        return gen.sample(labels, seeds, plan, batch_size=rows)
 
     once()  # warm-up
     times, start = [], time.perf_counter()

@@ -12,9 +12,16 @@ from cfgd.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, 
 from cfgd.config import Config, to_dict
 from cfgd.diffusion import make_schedule, q_sample
 from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of, make_grid, to_uint8
-from cfgd.guidance import GuidedEps, null_label
+from cfgd.guidance import GuidedDenoiser, null_label
 from cfgd.model import MODEL_SIZES, ModelSpec, build_model
-from cfgd.sampling import ddim_sample
+from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.sampling import sample
+
+
+def _plan(ws, steps=10, eta=0.0, intervals=None, clip=True):
+    intervals = intervals or [None] * len(ws)
+    return SamplingPlan(solver=Solver(steps=steps, eta=eta),
+                        rows=tuple(Guidance(w=float(w), interval=iv, clip=clip) for w, iv in zip(ws, intervals)))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,8 @@ def test_batched_2b_forward_equals_two_calls_with_the_network(tiny):
     y = torch.tensor([0, 1, 2, 3, 4, 5])
     w = torch.tensor([0.5, 1, 2, 3, 4, 5], dtype=torch.float64)
     with torch.no_grad():
-        guided = GuidedEps(eps_fn_of(tiny), y, w, null_label(10))(x, t, y)
+        plan = SamplingPlan(rows=tuple(Guidance(w=float(v), clip=False) for v in w))
+        guided = GuidedDenoiser(eps_fn_of(tiny), make_schedule("cosine", 1000), y, plan, null_label(10))(x, 400).eps
         ec = tiny(x, t, y)
         eu = tiny(x, t, torch.full_like(y, null_label(10)))
     expected = (1 + w.float())[:, None, None, None] * ec - w.float()[:, None, None, None] * eu
@@ -71,10 +79,11 @@ def test_seeded_sample_is_the_same_alone_and_in_a_batch_of_64(tiny):
     labels = torch.randint(0, 10, (64,), generator=g)
     ws = torch.rand(64, generator=g, dtype=torch.float64) * 4 - 0.5
     seeds = list(range(1000, 1064))
-    kwargs = dict(shape=(1, 8, 8), steps=20, eta=0.5, null_label=null_label(10), clip_denoised=True)
-    batch = ddim_sample(eps_fn_of(tiny), s, labels, seeds, w=ws, **kwargs)
+    plan = _plan(ws.tolist(), steps=20, eta=0.5)
+    batch = sample(eps_fn_of(tiny), s, labels, seeds, (1, 8, 8), plan, null_label=null_label(10))
     for i in (0, 17, 63):
-        alone = ddim_sample(eps_fn_of(tiny), s, labels[i:i + 1], seeds[i:i + 1], w=ws[i:i + 1], **kwargs)
+        alone = sample(eps_fn_of(tiny), s, labels[i:i + 1], seeds[i:i + 1], (1, 8, 8), plan.select(i, i + 1),
+                       null_label=null_label(10))
         assert (alone[0] - batch[i]).abs().max().item() < 1e-4, i
 
 
@@ -132,12 +141,12 @@ def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(tmp_path, tiny):
     assert gen.checkpoint.step == 7 and gen.checkpoint.label_names[3] == "3"
     assert gen.checkpoint.meta["config"]["diffusion"]["schedule"] == "cosine"
     labels, seeds = [1, 2, 3], [5, 6, 7]
-    a = gen.sample(labels, seeds, w=[0.0, 1.0, 3.0], steps=10)
+    a = gen.sample(labels, seeds, _plan([0.0, 1.0, 3.0]))
     # On CPU, load() runs the network channels-last in calls of at most 32 rows.
     assert (gen.rows_per_call, gen.channels_last) == (CPU_ROWS_PER_CALL, True)
     same = copy.deepcopy(tiny).to(memory_format=torch.channels_last)
     b = Generator(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample(
-        labels, seeds, w=[0.0, 1.0, 3.0], steps=10)
+        labels, seeds, _plan([0.0, 1.0, 3.0]))
     assert torch.equal(a, b)
     ck = load_checkpoint(path, with_optimizer=True)
     assert ck.optimizer_state["param_groups"][0]["lr"] == 1e-3
@@ -190,9 +199,9 @@ def test_grid_layout():
 def test_chunked_sampling_with_per_row_intervals_equals_one_batch(tmp_path, tiny):
     gen = Generator.load(_save(tmp_path, tiny))
     labels, seeds, w = [0, 1, 2, 3, 4], [9, 8, 7, 6, 5], [0.0, 1.0, 2.0, 3.0, -1.0]
-    interval = (torch.tensor([1, 1, 300, 500, 1]), torch.tensor([1000, 400, 1000, 1000, 600]))
-    whole = gen.sample(labels, seeds, w, steps=8, interval=interval, batch_size=5)
-    chunked = gen.sample(labels, seeds, w, steps=8, interval=interval, batch_size=2)
+    intervals = [(1, 1000), (1, 400), (300, 1000), (500, 1000), (1, 600)]
+    whole = gen.sample(labels, seeds, _plan(w, 8, intervals=intervals), batch_size=5)
+    chunked = gen.sample(labels, seeds, _plan(w, 8, intervals=intervals), batch_size=2)
     assert (whole - chunked).abs().max().item() < 1e-5
-    plain = gen.sample(labels, seeds, w, steps=8, batch_size=5)
+    plain = gen.sample(labels, seeds, _plan(w, 8), batch_size=5)
     assert not torch.allclose(whole[2], plain[2])  # the interval changed a guided row

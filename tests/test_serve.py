@@ -143,6 +143,33 @@ def test_concurrent_requests_share_one_batch_and_match_solo_results(server):
     assert _images(_post(server, "/generate", b)) == together_b
 
 
+def test_requests_with_different_rules_share_one_batch_and_match_solo_results(server):
+    """CFG++, APG and autoguidance (guided by checkpoint b) in one batch: one sample call,
+    the same bytes as each alone; a DPM-Solver++ request is another batch key."""
+    bodies = [{"class_label": 2, "rule": "cfg++", "lam": 0.5, "seed": 5, "steps": 5},
+              {"class_label": 6, "rule": "apg", "w": 2.0, "apg_beta": -0.5, "apg_r": 5.0, "seed": 6, "steps": 5},
+              {"class_label": 8, "rule": "autoguidance", "guide": "b", "w": 1.5, "seed": 7, "steps": 5,
+               "threshold": 0.99, "clip": False}]
+    _post(server, "/generate", bodies[0])  # warm
+    _post(server, "/generate", bodies[2])  # loads the guide
+    before = requests.get(server["url"] + "/stats", timeout=30).json()
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body):
+        barrier.wait()
+        return _post(server, "/generate", body)
+
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        together = [_images(r) for r in pool.map(send, bodies)]
+    after = requests.get(server["url"] + "/stats", timeout=30).json()
+    assert after["batches"] - before["batches"] == 1 and after["sample_calls"] - before["sample_calls"] == 1
+    for body, imgs in zip(bodies, together):
+        r = _post(server, "/generate", body)
+        assert r.json()["rule"] == body["rule"] and _images(r) == imgs
+    dpm = _post(server, "/generate", {"class_label": 2, "w": 2.0, "solver": "dpm++2m", "seed": 5, "steps": 5})
+    assert dpm.json()["solver"] == "dpm++2m" and dpm.json()["spacing"] == "logsnr" and len(_images(dpm)) == 1
+
+
 def test_grid_format_is_one_png(server):
     r = _post(server, "/generate", {"class_label": 2, "w": 1.0, "num_images": 4, "seed": 3, "format": "grid"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -180,6 +207,23 @@ def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
         ({**good, "format": "gif"}, 422, "format"),
         ({**good, "spacing": "random"}, 422, "spacing"),
         ({**good, "prompt": "a cat"}, 422, "prompt"),
+        ({**good, "eta": 1e300}, 422, "eta"),
+        ({**good, "eta": 5}, 422, "eta"),
+        ({**good, "solver": "euler"}, 422, "solver"),
+        ({**good, "solver": "dpm++2m", "eta": 0.5}, 422, "eta"),
+        ({**good, "solver": "dpm++2m", "rule": "cfg++"}, 422, "rule"),  # CFG++ is DDIM's
+        ({**good, "rule": "odd"}, 422, "rule"),
+        ({**good, "rule": "cfg++", "lam": 2.0}, 422, "lam"),
+        ({**good, "rule": "apg", "apg_beta": 1.5}, 422, "apg_beta"),
+        ({**good, "rule": "apg", "apg_r": 0}, 422, "apg_r"),
+        ({**good, "rule": "apg", "apg_eta": -1}, 422, "apg_eta"),
+        ({**good, "weight_schedule": "odd"}, 422, "weight_schedule"),
+        ({**good, "rescale": 2.0}, 422, "rescale"),
+        ({**good, "threshold": 0.1}, 422, "threshold"),
+        ({**good, "clip": "yes"}, 422, "clip"),
+        ({**good, "rule": "autoguidance"}, 422, "guide"),
+        ({**good, "rule": "autoguidance", "guide": "zzz"}, 422, "guide"),
+        ({**good, "guide": "b"}, 422, "guide"),  # a guide without autoguidance
         ('{"class_label": 1,', 422, "body"),  # malformed JSON
         ("[1, 2]", 422, "body"),
     ]
@@ -193,6 +237,9 @@ def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
         ({"destination": "ok", "counts": [1, 2], "classes": [1], "steps": 1}, 422, "counts"),
         ({"destination": "ok", "counts": 2000, "steps": 1}, 422, "counts"),
         ({"destination": "ok", "checkpoint": "zzz"}, 404, "checkpoint"),
+        ({"destination": "ok", "eta": 1e300, "steps": 1}, 422, "eta"),
+        ({"destination": "ok", "solver": "dpm++2m", "rule": "cfg++", "steps": 1}, 422, "rule"),
+        ({"destination": "ok", "guidance_scale": [1, -1], "steps": 1}, 422, "guidance_scale"),
     ]
 
     def check(path, body, status, field):

@@ -13,7 +13,8 @@ from cfgd.config import ConfigError, load_config, to_dict
 from cfgd.data import decode_png
 from cfgd.generate import Generator, to_uint8
 from cfgd.model import ModelSpec, build_model
-from cfgd.sweep import SweepConfig, grid_points, row_cost, run_sweep, sweep_axes
+from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.sweep import SweepConfig, rows_per_image, run_sweep, sweep_axes
 from test_evaluate import make_digits_shards, make_tiny_evaluator
 
 
@@ -77,7 +78,8 @@ def test_tiny_sweep_writes_outputs_and_a_rerun_skips_done_points(ray_local, setu
     assert a.column("label").to_pylist() == b.column("label").to_pylist() == [i % 10 for i in range(20)]
     assert set(b.column("w").to_pylist()) == {2.0}
     # A stored sample (sampled in a mixed-w chunk on a Ray actor) is the same image sampled alone.
-    alone = Generator.load(setup["checkpoint"]).sample([3], [10], w=2.0, steps=4)
+    alone = Generator.load(setup["checkpoint"]).sample([3], [10], SamplingPlan(solver=Solver(steps=4),
+                                                                                rows=(Guidance(w=2.0),)))
     stored = decode_png(b.column("image")[3].as_py())
     assert np.abs(to_uint8(alone)[0].astype(int) - stored.astype(int)).max() <= 1
 
@@ -97,18 +99,30 @@ def test_tiny_sweep_writes_outputs_and_a_rerun_skips_done_points(ray_local, setu
 def test_sweep_axes_and_validation():
     cfg = SweepConfig(checkpoint=["a", "b"], evaluator="ev", w=[0, 1], steps=[5, 10], eta=0.5,
                       interval=[None, [1, 50]])
-    axes = sweep_axes(cfg)
-    assert axes["interval"] == [None, (1, 50)] and axes["steps"] == [5, 10] and axes["eta"] == [0.5]
-    assert len(grid_points(axes)) == 2 * 2 * 1 * 2 * 2
-    assert sweep_axes(SweepConfig(checkpoint="a", evaluator="e", interval=[10, 20]))["interval"] == [(10, 20)]
-    assert sweep_axes(SweepConfig(checkpoint="a", evaluator="e", guidance_scale=[1, 3]))["w"] == [0.0, 2.0]
+    points = sweep_axes(cfg)
+    assert len(points) == 2 * 2 * 1 * 2 * 2
+    assert {p.guidance.interval for p in points} == {None, (1, 50)} and {p.solver.steps for p in points} == {5, 10}
+    assert {p.solver.eta for p in points} == {0.5}
+    assert {p.guidance.interval for p in sweep_axes(SweepConfig(checkpoint="a", evaluator="e",
+                                                                interval=[10, 20]))} == {(10, 20)}
+    assert [p.w for p in sweep_axes(SweepConfig(checkpoint="a", evaluator="e", guidance_scale=[1, 3]))] == [0.0, 2.0]
+    # Rules and their parameters are grid dimensions; a parameter multiplies only its rule's points.
+    rules = sweep_axes(SweepConfig(checkpoint="a", evaluator="e", w=[1, 2], rule=["cfg", "apg", "cfg++"],
+                                   apg_beta=[0.0, -0.5], lam=[0.2, 0.8], solver="ddim"))
+    counts = {r: sum(p.guidance.rule == r for p in rules) for r in ("cfg", "apg", "cfg++")}
+    assert counts == {"cfg": 2, "apg": 4, "cfg++": 4}
     for bad, match in [(dict(w=[1], guidance_scale=[2]), "not both"), (dict(interval=[20, 10]), "interval"),
                        (dict(steps=0), "steps"), (dict(samples_per_w=1), "samples_per_w"),
-                       (dict(spacing="odd"), "spacing"), (dict(evaluator=""), "evaluator")]:
+                       (dict(spacing="odd"), "spacing"), (dict(evaluator=""), "evaluator"),
+                       (dict(eta=5.0), "eta"), (dict(rule="cfg++", solver="dpm++2m"), "rule"),
+                       (dict(rule="apg", apg_beta=3), "apg_beta"), (dict(w=[1, 1]), "distinct")]:
         with pytest.raises(ConfigError, match=match):
             sweep_axes(SweepConfig(**{"checkpoint": "a", "evaluator": "e", **bad}))
-    ts = [100, 75, 50, 25]
-    assert row_cost(0.0, None, ts) == 4 and row_cost(2.0, None, ts) == 8 and row_cost(2.0, (50, 80), ts) == 6
+    # The cost per image is the guidance module's rule: 2 rows per guided step, 1 elsewhere.
+    ab = np.linspace(0.99, 0.01, 100)
+    cost = {w: rows_per_image(sweep_axes(SweepConfig(checkpoint="a", evaluator="e", w=[w], steps=4, **kw))[0],
+                              100, ab) for w, kw in [(0.0, {}), (2.0, {}), (3.0, {"interval": [50, 80]})]}
+    assert cost == {0.0: 4, 2.0: 8, 3.0: 6}  # trailing steps 100, 75, 50, 25: 75 and 50 lie in [50, 80]
 
 
 def test_sweep_job_parses_top_level_keys_and_rejects_unknown_ones(capsys):

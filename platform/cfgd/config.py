@@ -16,9 +16,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import ValidationError
-
-from cfgd.plan import Guidance, SamplingPlan, Solver, first_error
+from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
 from cfgd.storage import StorageOptions
 
 SCHEDULES = ("linear", "cosine")
@@ -161,18 +159,15 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# Where a SampleConfig key lands in the plan (sample.<key> ↔ Guidance / Solver field).
-_GUIDANCE_KEYS = {"rule": "rule", "lam": "lam", "apg_beta": "apg_beta", "apg_r": "apg_r", "apg_eta": "apg_eta",
-                  "weight_schedule": "schedule", "guidance_interval": "interval", "rescale": "rescale",
-                  "clip_denoised": "clip", "threshold": "threshold", "guide": "guide"}
-_SOLVER_KEYS = {"solver": "name", "steps": "steps", "spacing": "spacing", "eta": "eta"}
-
-
-def _config_error(err: ValidationError, keys: dict[str, str], prefix: str) -> ConfigError:
-    field_name, msg = first_error(err)
-    key = next((k for k, v in keys.items() if v == field_name), field_name)
-    return ConfigError(f"{prefix}{key}: {msg}" if not msg.startswith(f"{field_name}=") else
-                       f"{prefix}{key}{msg[len(field_name):]}")
+# Where a ``sample.<key>`` lands in the sampling plan.
+SAMPLE_PLAN_KEYS = {
+    "solver": "solver.name", "steps": "solver.steps", "spacing": "solver.spacing", "eta": "solver.eta",
+    "rule": "guidance.rule", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale", "lam": "guidance.lam",
+    "apg_beta": "guidance.apg_beta", "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta",
+    "weight_schedule": "guidance.schedule", "guidance_interval": "guidance.interval",
+    "rescale": "guidance.rescale", "clip_denoised": "guidance.clip", "threshold": "guidance.threshold",
+    "guide": "guidance.guide",
+}
 
 
 def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
@@ -180,25 +175,19 @@ def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
 
     Raises ConfigError naming the ``sample.`` key of the first bad value.
     """
+    values = {k: getattr(sc, k) for k in SAMPLE_PLAN_KEYS if k not in ("w", "guidance_scale")}
+    values["guide"] = values["guide"] or None
+    if values["guidance_interval"] is not None:
+        values["guidance_interval"] = tuple(values["guidance_interval"])
+    solver, columns = None, []
     try:
-        solver = Solver.model_validate({v: getattr(sc, k) for k, v in _SOLVER_KEYS.items()})
-    except ValidationError as err:
-        raise _config_error(err, _SOLVER_KEYS, "sample.") from None
-    common = {v: getattr(sc, k) for k, v in _GUIDANCE_KEYS.items()}
-    common["guide"] = common["guide"] or None
-    common["interval"] = tuple(common["interval"]) if common["interval"] is not None else None
-    w, gs = sc.w, sc.guidance_scale
-    if w is None and gs is None:
-        w = [0.0, 1.0, 3.0]
-    n = max(len(w or []), len(gs or []))
-    columns = []
-    try:
-        for i in range(n):
-            columns.append(Guidance.model_validate({**common, "w": w[i] if w and i < len(w) else None,
-                                                    "guidance_scale": gs[i] if gs and i < len(gs) else None}))
-        SamplingPlan(solver=solver, rows=tuple(columns))
-    except ValidationError as err:
-        raise _config_error(err, {**_GUIDANCE_KEYS, "w": "w", "solver": "solver"}, "sample.") from None
+        for strength in strength_columns(sc.w, sc.guidance_scale, default=[0.0, 1.0, 3.0]):
+            solver, g = from_fields({**values, **strength}, SAMPLE_PLAN_KEYS, solver=solver)
+            columns.append(g)
+    except PlanError as err:
+        raise ConfigError(f"sample.{err}") from None
+    if not columns:
+        raise ConfigError("sample.w: give at least one value")
     return solver, columns
 
 

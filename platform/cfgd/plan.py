@@ -18,13 +18,14 @@ No torch here: the plan is plain data (formulas: shared/docs/guidance-methods.md
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 RULES = ("cfg", "cfg++", "apg", "cfg_zero_star", "autoguidance")
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 SOLVERS = ("ddim", "dpm++2m")
+RULE_PARAMS = {"cfg++": ("lam",), "apg": ("apg_beta", "apg_r", "apg_eta")}  # parameters only that rule reads
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 # Per solver, the spacing used when none is given (measured: README, "Solvers").
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++2m": "logsnr"}
@@ -198,3 +199,53 @@ def first_error(err: ValidationError) -> tuple[str, str]:
         return m.group(1), m.group(2)
     field = names[-1] if names else "plan"
     return field, f"{field}={e.get('input')!r}: {msg}" if names else msg
+
+
+def from_fields(values: Mapping[str, Any], keys: Mapping[str, str], default_w: float = 0.0,
+                solver: "Solver | None" = None) -> tuple[Solver, Guidance]:
+    """An edge's own fields → (Solver, Guidance), validated as one plan row.
+
+    ``keys`` maps the edge's field names to ``solver.<field>`` or ``guidance.<field>``
+    (e.g. ``{"guidance_interval": "guidance.interval"}``); a given ``solver`` is reused
+    (several rows of one batch). Raises :class:`PlanError` naming the *edge's* field.
+    """
+    back = {v: k for k, v in keys.items()}
+    part = {"solver": {}, "guidance": {}}
+    for k, target in keys.items():
+        if k in values:
+            group, name = target.split(".")
+            part[group][name] = values[k]
+    try:
+        if solver is None:
+            where = "solver"
+            solver = Solver.model_validate(part["solver"])
+        where = "guidance"
+        guidance = Guidance.model_validate(part["guidance"], context={"default_w": default_w})
+        SamplingPlan(solver=solver, rows=(guidance,))
+    except ValidationError as err:
+        name, msg = first_error(err)
+        edge = back.get(f"{where}.{name}") or back.get(f"guidance.{name}") or back.get(f"solver.{name}") or name
+        gs_key = back.get("guidance.guidance_scale")
+        if name == "w" and gs_key and values.get(gs_key) is not None and msg.startswith("w="):
+            # The user gave the scale: say so in its terms (w = guidance_scale − 1).
+            edge, msg = gs_key, f"{gs_key}={values[gs_key]!r} (w = {msg[2:]}"
+            msg = msg.replace(": ", "): ", 1)
+        else:
+            msg = edge + msg[len(name):] if msg.startswith(f"{name}=") else f"{edge}: {msg}"
+        raise PlanError(edge, msg) from None
+    return solver, guidance
+
+
+def strength_columns(w: Any, guidance_scale: Any, default: Optional[list] = None) -> list[dict]:
+    """Lists of strengths (``w`` or ``guidance_scale``, one per column) → one
+    ``{"w", "guidance_scale"}`` dict per column, for :class:`Guidance` to resolve (and to
+    refuse when both are given). Neither: ``default`` as w values."""
+    def items(v):
+        return None if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+    ws, gss = items(w), items(guidance_scale)
+    if ws is None and gss is None:
+        ws = list(default or [])
+    n = max(len(ws or []), len(gss or []))
+    return [{"w": ws[i] if ws and i < len(ws) else None,
+             "guidance_scale": gss[i] if gss and i < len(gss) else None} for i in range(n)]

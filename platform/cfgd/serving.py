@@ -44,7 +44,8 @@ from cfgd import storage
 from cfgd.checkpoint import CheckpointError
 from cfgd.data import encode_png
 from cfgd.generate import Generator, make_grid, to_uint8
-from cfgd.sampling import SPACINGS
+from cfgd.plan import RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES, Guidance, PlanError, SamplingPlan, Solver, \
+    from_fields, strength_columns
 from cfgd.storage import StorageError, StorageOptions
 
 MAX_SEED = 2**63 - 1
@@ -229,18 +230,39 @@ class GenerateRequest(BaseModel):
 
     class_label: Optional[StrictInt] = Field(None, description="class index; or give class_name")
     class_name: Optional[str] = Field(None, description="a label name of the checkpoint")
-    w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
-    guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
     num_images: StrictInt = Field(1, ge=1)
-    steps: Optional[StrictInt] = Field(None, ge=1, description="DDIM steps (default: server's default_steps)")
-    eta: FiniteFloat = Field(0.0, ge=0.0, description="DDIM eta: 0 deterministic, 1 DDPM-like")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
-    spacing: Literal[SPACINGS] = "trailing"  # type: ignore[valid-type]
-    guidance_interval: Optional[tuple[StrictInt, StrictInt]] = Field(
-        None, description="[t_lo, t_hi]: guide only at timesteps inside (1..T)")
-    rescale: FiniteFloat = Field(0.0, ge=0.0, le=1.0, description="guidance rescale phi")
     format: Literal["png_list", "grid"] = "png_list"
     checkpoint: Optional[str] = Field(None, description="a configured checkpoint name (default: the server's)")
+    # The sampling plan's fields (cfgd.plan; bounds and combinations are checked there).
+    w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
+    guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
+    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
+    steps: Optional[StrictInt] = Field(None, ge=1, description="solver steps (default: server's default_steps)")
+    eta: FiniteFloat = Field(0.0, description="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
+    spacing: Optional[Literal[SPACINGS]] = Field(None, description="timestep spacing (default: the solver's)")  # type: ignore
+    rule: Literal[RULES] = "cfg"  # type: ignore[valid-type]
+    lam: FiniteFloat = Field(1.0, description="CFG++ lambda in [0, 1]")
+    apg_beta: FiniteFloat = Field(0.0, description="APG momentum in [-1, 1)")
+    apg_r: Optional[FiniteFloat] = Field(None, description="APG norm cap r > 0 (null: none)")
+    apg_eta: FiniteFloat = Field(1.0, description="APG weight of the parallel component in [0, 1]")
+    weight_schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
+    guidance_interval: Optional[tuple[StrictInt, StrictInt]] = Field(
+        None, description="[t_lo, t_hi]: guide only at timesteps inside (1..T)")
+    rescale: FiniteFloat = Field(0.0, description="guidance rescale phi in [0, 1]")
+    clip: StrictBool = Field(True, description="clamp x0 to [-1, 1]")
+    threshold: Optional[FiniteFloat] = Field(None, description="dynamic thresholding quantile in [0.5, 1]")
+    guide: Optional[str] = Field(None, description="autoguidance: a configured checkpoint name")
+
+
+# Where a request field lands in the sampling plan (the same for /generate and /bulk).
+PLAN_KEYS = {
+    "solver": "solver.name", "steps": "solver.steps", "spacing": "solver.spacing", "eta": "solver.eta",
+    "rule": "guidance.rule", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale", "lam": "guidance.lam",
+    "apg_beta": "guidance.apg_beta", "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta",
+    "weight_schedule": "guidance.schedule", "guidance_interval": "guidance.interval", "rescale": "guidance.rescale",
+    "clip": "guidance.clip", "threshold": "guidance.threshold", "guide": "guidance.guide",
+}
 
 
 class BulkRequest(BaseModel):
@@ -255,11 +277,23 @@ class BulkRequest(BaseModel):
     w: Optional[list[FiniteFloat]] = None
     guidance_scale: Optional[list[FiniteFloat]] = None
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
-    steps: Optional[StrictInt] = Field(None, ge=1)
-    eta: FiniteFloat = Field(0.0, ge=0.0)
-    spacing: Literal[SPACINGS] = "trailing"  # type: ignore[valid-type]
     png_files: StrictBool = False
     checkpoint: Optional[str] = None
+    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
+    steps: Optional[StrictInt] = Field(None, ge=1)
+    eta: FiniteFloat = 0.0
+    spacing: Optional[Literal[SPACINGS]] = None  # type: ignore[valid-type]
+    rule: Literal[RULES] = "cfg"  # type: ignore[valid-type]
+    lam: FiniteFloat = 1.0
+    apg_beta: FiniteFloat = 0.0
+    apg_r: Optional[FiniteFloat] = None
+    apg_eta: FiniteFloat = 1.0
+    weight_schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
+    guidance_interval: Optional[tuple[StrictInt, StrictInt]] = None
+    rescale: FiniteFloat = 0.0
+    clip: StrictBool = True
+    threshold: Optional[FiniteFloat] = None
+    guide: Optional[str] = None
 
 
 def _parse(model: type[BaseModel], body: dict | BaseModel) -> Any:
@@ -311,10 +345,6 @@ def load_generator(uri: str, opts: StorageOptions | None, pad_rows: int) -> Gene
     if pad_rows > 1:
         gen = dataclasses.replace(gen, model=RowPadded(gen.model, pad_rows).eval())
     return gen
-
-
-def timesteps_of(gen: Generator) -> int:
-    return int(gen.checkpoint.meta["config"]["diffusion"]["timesteps"])
 
 
 class ModelCache:
@@ -373,13 +403,10 @@ class SampleSpec:
     checkpoint: str
     label: int
     class_name: str
-    w: float
     seeds: list[int]
-    steps: int
-    eta: float
-    spacing: str
-    interval: tuple[int, int] | None
-    rescale: float
+    solver: Solver
+    guidance: Guidance
+    guides: dict  # guide name -> Generator (autoguidance)
     format: str
 
     @property
@@ -387,9 +414,9 @@ class SampleSpec:
         return len(self.seeds)
 
     def schedule_key(self) -> tuple:
-        """Requests with equal keys share one ``Generator.sample`` call: class, w, seed
-        and guidance interval may differ per row, the step schedule may not."""
-        return (id(self.gen), self.steps, self.eta, self.spacing, self.rescale)
+        """Requests with equal keys share one ``Generator.sample`` call: class, seed and
+        the whole guidance rule may differ per row; the checkpoint and solver may not."""
+        return (id(self.gen), self.solver)
 
 
 def sample_specs(specs: list[SampleSpec]) -> tuple[list[torch.Tensor], int]:
@@ -403,17 +430,10 @@ def sample_specs(specs: list[SampleSpec]) -> tuple[list[torch.Tensor], int]:
         first = members[0]
         labels = [s.label for s in members for _ in range(s.n)]
         seeds = [seed for s in members for seed in s.seeds]
-        ws = [s.w for s in members for _ in range(s.n)]
-        interval = None
-        if any(s.interval for s in members):
-            # Per-row bounds; a row without an interval is guided at every t.
-            lo = [float(s.interval[0]) if s.interval else -math.inf for s in members for _ in range(s.n)]
-            hi = [float(s.interval[1]) if s.interval else math.inf for s in members for _ in range(s.n)]
-            interval = (torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64))
+        plan = SamplingPlan(solver=first.solver, rows=tuple(s.guidance for s in members for _ in range(s.n)))
+        guides = {k: g for s in members for k, g in s.guides.items()}
         # One chunk: the whole group is one forward pass per step, the point of batching.
-        images = first.gen.sample(labels, seeds, ws, steps=first.steps, eta=first.eta, spacing=first.spacing,
-                                  interval=interval, rescale=first.rescale, clip_denoised=True,
-                                  batch_size=len(labels))
+        images = first.gen.sample(labels, seeds, plan, guides=guides, batch_size=len(labels))
         start = 0
         for i, s in zip(idxs, members):
             out[i] = images[start:start + s.n]
@@ -430,10 +450,11 @@ def png_bytes(image) -> bytes:
 def render(spec: SampleSpec, images: torch.Tensor) -> dict:
     """The response body of one request (PNG bytes, not yet base64)."""
     u8 = to_uint8(images)
-    meta = {"label": spec.label, "class_name": spec.class_name, "w": spec.w, "guidance_scale": 1.0 + spec.w,
-            "seeds": spec.seeds, "checkpoint": spec.checkpoint, "steps": spec.steps, "eta": spec.eta,
-            "spacing": spec.spacing, "guidance_interval": list(spec.interval) if spec.interval else None,
-            "format": spec.format}
+    g, sol = spec.guidance, spec.solver
+    meta = {"label": spec.label, "class_name": spec.class_name, "w": g.w, "guidance_scale": 1.0 + g.w,
+            "seeds": spec.seeds, "checkpoint": spec.checkpoint, "solver": sol.name, "steps": sol.steps,
+            "eta": sol.eta, "spacing": sol.spacing, "rule": g.rule,
+            "guidance_interval": list(g.interval) if g.interval else None, "format": spec.format}
     if spec.format == "grid":
         cols = math.ceil(math.sqrt(spec.n))
         rows = math.ceil(spec.n / cols)
@@ -465,21 +486,29 @@ def _resolve_class(label: int | None, name: str | None, label_names: list[str], 
     return label
 
 
-def _resolve_w(w: float | None, gs: float | None, s: ServeSettings, field_w: str = "w",
-               field_gs: str = "guidance_scale") -> float:
-    if w is not None and gs is not None:
-        raise RequestError(422, field_w, f"give {field_w} or {field_gs}, not both ({field_gs} = 1 + w)")
-    if gs is not None:
-        value, name, lo, hi = gs - 1.0, field_gs, s.w_min + 1.0, s.w_max + 1.0
-        shown = gs
-    else:
-        value = s.default_w if w is None else w
-        name, lo, hi, shown = field_w, s.w_min, s.w_max, value
-    if not math.isfinite(value):
-        raise RequestError(422, name, f"{name} must be finite, got {shown}")
-    if not s.w_min <= value <= s.w_max:
+def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None,
+                 **override) -> tuple[Solver, Guidance]:
+    """A request's plan fields → (Solver, Guidance): the request edge of cfgd.plan.
+
+    Server policy on top of the plan's own bounds: w within [w_min, w_max] and steps
+    within [1, min(max_steps, T)]. Raises RequestError naming the request's field.
+    """
+    values = {k: getattr(req, k) for k in PLAN_KEYS}
+    values.update(override)
+    values["steps"] = _check_steps(values["steps"], s, T)
+    try:
+        solver, g = from_fields(values, PLAN_KEYS, default_w=s.default_w, solver=solver)
+    except PlanError as err:
+        raise RequestError(422, err.field, str(err)) from None
+    if g.rule != "cfg++" and not s.w_min <= g.w <= s.w_max:
+        name = "guidance_scale" if values.get("guidance_scale") is not None else "w"
+        shown = values[name] if values.get(name) is not None else g.w
+        lo, hi = (s.w_min + 1, s.w_max + 1) if name == "guidance_scale" else (s.w_min, s.w_max)
         raise RequestError(422, name, f"{name} {shown} is outside the allowed range [{lo}, {hi}]")
-    return float(value)
+    if g.interval is not None and g.interval[1] > T:
+        raise RequestError(422, "guidance_interval", f"guidance_interval {list(g.interval)} must satisfy "
+                                                     f"1 <= t_lo <= t_hi <= T={T}")
+    return solver, g
 
 
 def _check_steps(steps: int | None, s: ServeSettings, T: int) -> int:
@@ -565,23 +594,29 @@ class SamplerCore:
         name, gen, s = self.generator(req.checkpoint)
         names = gen.checkpoint.label_names
         label = _resolve_class(req.class_label, req.class_name, names, "class_label", "class_name")
-        w = _resolve_w(req.w, req.guidance_scale, s)
         if req.num_images > s.max_images:
             raise RequestError(422, "num_images", f"num_images {req.num_images} is over the limit {s.max_images}")
-        T = timesteps_of(gen)
-        steps = _check_steps(req.steps, s, T)
         if req.seed + req.num_images - 1 > MAX_SEED:
             raise RequestError(422, "seed", f"seed + num_images - 1 must be <= {MAX_SEED}")
-        interval = None
-        if req.guidance_interval is not None:
-            lo, hi = req.guidance_interval
-            if not 1 <= lo <= hi <= T:
-                raise RequestError(422, "guidance_interval",
-                                   f"guidance_interval [{lo}, {hi}] must satisfy 1 <= t_lo <= t_hi <= T={T}")
-            interval = (lo, hi)
-        return SampleSpec(gen=gen, checkpoint=name, label=label, class_name=names[label], w=w,
-                          seeds=[req.seed + i for i in range(req.num_images)], steps=steps, eta=float(req.eta),
-                          spacing=req.spacing, interval=interval, rescale=float(req.rescale), format=req.format)
+        solver, guidance = _plan_fields(req, s, gen.timesteps)
+        return SampleSpec(gen=gen, checkpoint=name, label=label, class_name=names[label],
+                          seeds=[req.seed + i for i in range(req.num_images)], solver=solver, guidance=guidance,
+                          guides=self._guide(gen, guidance), format=req.format)
+
+    def _guide(self, gen: Generator, guidance: Guidance) -> dict:
+        """{name: Generator} of an autoguidance request's guide (a configured checkpoint)."""
+        if guidance.guide is None:
+            return {}
+        s, _ = self._current()
+        if guidance.guide not in s.checkpoints:
+            raise RequestError(422, "guide", f"unknown guide {guidance.guide!r}; it must be a configured checkpoint: "
+                                             f"{sorted(s.checkpoints)}")
+        _, guide, _ = self.generator(guidance.guide)
+        try:
+            gen.check_guide(guide, guidance.guide)
+        except ValueError as err:
+            raise RequestError(422, "guide", str(err)) from None
+        return {guidance.guide: guide}
 
     def sample(self, specs: list[SampleSpec]) -> list[torch.Tensor]:
         """One dynamic batch → images per request (counted as one batch)."""
@@ -599,7 +634,7 @@ class SamplerCore:
         """One image, one step, on the default checkpoint: raises if that fails."""
         s, _ = self._current()
         _, gen, _ = self.generator(None)
-        img = gen.sample([0], [0], 0.0, steps=1, batch_size=1)
+        img = gen.sample([0], [0], SamplingPlan.uniform(1, solver=Solver(steps=1)), batch_size=1)
         if img.shape != (1, *gen.shape) or not torch.isfinite(img).all():
             raise RuntimeError(f"health sample of {s.default_checkpoint!r} is broken: shape {tuple(img.shape)}")
 
@@ -659,26 +694,24 @@ class SamplerCore:
             raise RequestError(422, "counts", f"counts has {len(counts)} values for {len(classes)} classes")
         if any(c < 0 for c in counts) or sum(counts) == 0:
             raise RequestError(422, "counts", "counts must be >= 0 with at least one image")
-        if req.w is not None and req.guidance_scale is not None:
-            raise RequestError(422, "w", "give w or guidance_scale, not both (guidance_scale = 1 + w)")
-        if req.guidance_scale is not None:
-            ws = [_resolve_w(None, g, s) for g in req.guidance_scale]
-        else:
-            ws = [_resolve_w(w, None, s) for w in (req.w if req.w is not None else [s.default_w])]
-        if not ws:
+        # One plan row per strength: w and guidance_scale are lists here.
+        columns = strength_columns(req.w, req.guidance_scale, default=[None])
+        if not columns:
             raise RequestError(422, "w", "w is empty")
-        total = sum(counts) * len(ws)
+        solver, rows = None, []
+        for strength in columns:
+            solver, g = _plan_fields(req, s, gen.timesteps, solver=solver, **strength)
+            rows.append(g)
+        guides = self._guide(gen, rows[0])
+        total = sum(counts) * len(rows)
         if total > s.max_bulk_images:
             raise RequestError(422, "counts", f"counts ask for {total} images; the limit is {s.max_bulk_images}")
         if req.seed + total - 1 > MAX_SEED:
             raise RequestError(422, "seed", f"seed + number of images - 1 must be <= {MAX_SEED}")
-        steps = _check_steps(req.steps, s, timesteps_of(gen))
-        uri = s.checkpoints[name]
-        # Shard tasks may run with another working directory: pin a local path down.
-        uri = uri if storage.is_remote(uri) else os.path.abspath(storage.strip_scheme(uri))
-        plan = BulkPlan(destination=destination, checkpoint=name, checkpoint_uri=uri,
+        plan = BulkPlan(destination=destination, checkpoint=name, checkpoint_uri=_pinned(s.checkpoints[name]),
                         checkpoint_step=gen.checkpoint.step, label_names=names, classes=classes, counts=counts,
-                        ws=ws, seed=req.seed, steps=steps, eta=float(req.eta), spacing=req.spacing,
+                        seed=req.seed, solver=solver.model_dump(), guidance=[g.model_dump() for g in rows],
+                        guide_uris={k: _pinned(s.checkpoints[k]) for k in guides},
                         png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows)
         return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()),
                 "task": {"num_cpus": s.shard_num_cpus, "max_retries": s.shard_max_retries,
@@ -686,6 +719,11 @@ class SamplerCore:
 
 
 # ---------------------------------------------------------------------------- bulk
+
+
+def _pinned(uri: str) -> str:
+    """Shard tasks may run with another working directory: pin a local path down."""
+    return uri if storage.is_remote(uri) else os.path.abspath(storage.strip_scheme(uri))
 
 
 def _segments(path: str, what: str) -> list[str]:
@@ -758,11 +796,10 @@ class BulkPlan:
     label_names: list[str]
     classes: list[int]
     counts: list[int]
-    ws: list[float]
     seed: int
-    steps: int
-    eta: float
-    spacing: str
+    solver: dict  # cfgd.plan.Solver fields
+    guidance: list[dict]  # one cfgd.plan.Guidance per strength (the "w" columns)
+    guide_uris: dict  # autoguidance: guide name -> checkpoint URI
     png_files: bool
     shard_size: int
     pad_rows: int
@@ -779,19 +816,27 @@ class BulkPlan:
         return job_id_for(self.destination)
 
     @property
+    def ws(self) -> list[float]:
+        return [g["w"] for g in self.guidance]
+
+    def sampling(self) -> tuple[Solver, list[Guidance]]:
+        """The plan's solver and guidance rows, as validated when the job was submitted."""
+        return Solver.model_validate(self.solver), [Guidance.model_validate(g) for g in self.guidance]
+
+    @property
     def total_images(self) -> int:
-        return sum(self.counts) * len(self.ws)
+        return sum(self.counts) * len(self.guidance)
 
     @property
     def total_shards(self) -> int:
         return math.ceil(self.total_images / self.shard_size)
 
-    def shard_rows(self, shard: int) -> list[tuple[int, int, float, int]]:
-        """(row index, label, w, seed) of one shard."""
+    def shard_rows(self, shard: int) -> list[tuple[int, int, int, int]]:
+        """(row index, label, guidance index, seed) of one shard."""
         lo, hi = shard * self.shard_size, min(self.total_images, (shard + 1) * self.shard_size)
         rows, i = [], 0
         for c, n in zip(self.classes, self.counts):
-            for w in self.ws:
+            for w in range(len(self.guidance)):
                 if i + n <= lo:  # skip whole cells before the shard
                     i += n
                     continue
@@ -830,9 +875,13 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
         _SHARD_GENERATORS[key] = load_generator(plan.checkpoint_uri, opts, plan.pad_rows)
     gen = _SHARD_GENERATORS[key]
     rows = plan.shard_rows(shard)
-    idx, labels, ws, seeds = (list(v) for v in zip(*rows))
-    images = gen.sample(labels, seeds, ws, steps=plan.steps, eta=plan.eta, spacing=plan.spacing,
-                        clip_denoised=True, batch_size=len(rows))
+    idx, labels, ks, seeds = (list(v) for v in zip(*rows))
+    solver, guidance = plan.sampling()
+    guides = {name: Generator.load(uri, storage=opts, rows_per_call=gen.rows_per_call,
+                                   channels_last=gen.channels_last) for name, uri in plan.guide_uris.items()}
+    images = gen.sample(labels, seeds, SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)),
+                        guides=guides, batch_size=len(rows))
+    ws = [guidance[k].w for k in ks]
     pngs = [encode_png(img) for img in to_uint8(images)]
     if plan.png_files:
         for i, png in zip(idx, pngs):

@@ -1,10 +1,12 @@
-"""Guidance sweeps: sample quality against w (and steps, eta, guidance interval, checkpoint).
+"""Guidance sweeps: sample quality against w (and solver, steps, eta, guidance rule and
+its parameters, interval, checkpoint).
 
 For every grid point the sweep draws ``samples_per_w`` samples: sample i has class
 ``i mod num_classes`` and seed ``seed + i`` at *every* grid point (common random
 numbers), so two points differ only by their settings, not by their noise. Rows of
-different w (and interval) share one ``Generator.sample`` call through the per-row
-w; chunks of rows run as tasks on Ray actors that load each checkpoint once.
+different guidance (w, rule, parameters) share one ``Generator.sample`` call through
+the per-row sampling plan; chunks of rows run as tasks on Ray actors that load each
+checkpoint once. Each grid point's plan row is built once, in :func:`sweep_axes`.
 
 Output layout under ``out`` (a local directory or ``s3://``)::
 
@@ -45,16 +47,18 @@ from tqdm.auto import tqdm
 
 from cfgd import storage
 from cfgd.checkpoint import fetch_checkpoint, read_meta as read_checkpoint_meta
-from cfgd.config import ConfigError, SPACINGS, masked
+from cfgd.config import ConfigError, masked
 from cfgd.data import decode_png, encode_png
 from cfgd.evaluate import Evaluator, RealSplit, compute_metrics, load_split
 from cfgd.generate import Generator, make_grid, to_uint8
+from cfgd.guidance import plan_cost
+from cfgd.plan import RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
 from cfgd.sampling import ddim_timesteps
 from cfgd.storage import StorageOptions
 
 DEFAULT_W = [0.0, 0.5, 1.0, 2.0, 4.0]
-TABLE_COLUMNS = ["kind", "checkpoint", "checkpoint_step", "steps", "eta", "interval_lo", "interval_hi", "w",
-                 "guidance_scale", "fid", "inception_score", "inception_score_std", "accuracy", "precision",
+TABLE_COLUMNS = ["kind", "checkpoint", "checkpoint_step", "solver", "steps", "eta", "rule", "params", "interval_lo",
+                 "interval_hi", "w", "guidance_scale", "rows_per_image", "fid", "inception_score", "inception_score_std", "accuracy", "precision",
                  "recall", "n_samples", "seconds", "samples_per_s", "point_id"]
 
 
@@ -62,8 +66,9 @@ TABLE_COLUMNS = ["kind", "checkpoint", "checkpoint_step", "steps", "eta", "inter
 class SweepConfig:
     """``jobs/sweep.py``: every key is top level (``w=[0,1]``, ``steps=25``), storage under ``storage.``.
 
-    ``checkpoint``, ``steps``, ``eta`` and ``interval`` take one value or a list of
-    values; each list is one more grid dimension.
+    ``checkpoint``, ``solver``, ``steps``, ``eta``, ``interval``, ``rule`` and each rule
+    parameter take one value or a list of values; each list is one more grid dimension
+    (a parameter only multiplies the points of the rules that use it).
     """
 
     checkpoint: Any = ""  # checkpoint or run dir (path or s3://), or a list of them
@@ -74,10 +79,20 @@ class SweepConfig:
     w: Optional[list[float]] = None  # guidance strengths, paper form; default [0, 0.5, 1, 2, 4]
     guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
     samples_per_w: int = 500  # samples per grid point; sample i has class i mod num_classes
-    steps: Any = 25  # DDIM steps: an int or a list
+    solver: Any = "ddim"  # ddim | dpm++2m, or a list
+    steps: Any = 25  # solver steps: an int or a list
     eta: Any = 0.0  # DDIM eta: a float or a list
     interval: Any = None  # guidance interval [t_lo, t_hi] in 1..T, null = everywhere, or a list of them
-    spacing: str = "trailing"
+    spacing: Optional[str] = None  # null = each solver's default
+    rule: Any = "cfg"  # cfg | cfg++ | apg | cfg_zero_star | autoguidance, or a list
+    lam: Any = 1.0  # CFG++ lambda (or a list)
+    apg_beta: Any = 0.0  # APG momentum (or a list)
+    apg_r: Any = None  # APG norm cap (or a list; null = none)
+    apg_eta: Any = 1.0  # APG parallel weight (or a list)
+    weight_schedule: Any = "constant"  # constant | linear | cosine (or a list)
+    rescale: Any = 0.0  # guidance rescale phi (or a list)
+    threshold: Any = None  # dynamic thresholding quantile (or a list; null = clipping)
+    guide: Any = None  # autoguidance: the guiding checkpoint (or a list)
     use_ema: bool = True
     seed: int = 0  # sample i uses seed + i at every grid point
     k: int = 3  # neighbourhood size of precision/recall
@@ -100,15 +115,24 @@ class SweepConfig:
 @dataclass(frozen=True)
 class GridPoint:
     checkpoint: str
-    steps: int
-    eta: float
-    interval: Optional[tuple[int, int]]
-    w: float
+    solver: Solver
+    guidance: Guidance  # this point's plan row, built once (sweep_axes)
+
+    @property
+    def w(self) -> float:
+        return self.guidance.w
 
     @property
     def group(self) -> tuple:
         """Everything but w: rows of one group go into one grid image and one plot line."""
-        return (self.checkpoint, self.steps, self.eta, self.interval)
+        return (self.checkpoint, self.solver, self.guidance.model_copy(update={"w": 0.0}))
+
+    def params(self) -> dict:
+        """The guidance parameters that are not at their defaults (besides rule, w, interval)."""
+        d = self.guidance.model_dump(exclude={"rule", "w", "interval", "guidance_scale"})
+        defaults = Guidance(rule=self.guidance.rule, guide=self.guidance.guide).model_dump(exclude={"rule", "w",
+                                                                                                      "interval"})
+        return {k: v for k, v in d.items() if v != defaults.get(k)}
 
 
 def _listify(value: Any) -> list:
@@ -126,34 +150,30 @@ def _intervals(value: Any) -> list[Optional[tuple[int, int]]]:
         if v is None:
             out.append(None)
             continue
-        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) for b in v)
-                and int(v[0]) <= int(v[1])):
-            raise ConfigError(f"interval={value!r} is not valid; use null, [t_lo, t_hi] with t_lo <= t_hi, "
-                              f"or a list of those")
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) for b in v)):
+            raise ConfigError(f"interval={value!r} is not valid; use null, [t_lo, t_hi], or a list of those")
         out.append((int(v[0]), int(v[1])))
     return out
 
 
-def sweep_axes(cfg: SweepConfig) -> dict[str, list]:
-    """The grid dimensions after validation: checkpoints, steps, etas, intervals, ws."""
-    if cfg.w is not None and cfg.guidance_scale is not None:
-        raise ConfigError("give w or guidance_scale, not both (guidance_scale = 1 + w)")
-    ws = [float(v) for v in (cfg.w if cfg.w is not None else
-                             [g - 1 for g in cfg.guidance_scale] if cfg.guidance_scale is not None else DEFAULT_W)]
+# A sweep key's place in the sampling plan (the grid's dimensions besides checkpoint).
+PLAN_KEYS = {"solver": "solver.name", "steps": "solver.steps", "eta": "solver.eta", "spacing": "solver.spacing",
+             "rule": "guidance.rule", "lam": "guidance.lam", "apg_beta": "guidance.apg_beta",
+             "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta", "weight_schedule": "guidance.schedule",
+             "interval": "guidance.interval", "rescale": "guidance.rescale", "threshold": "guidance.threshold",
+             "guide": "guidance.guide", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale"}
+
+
+def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
+    """The grid points after validation, w varying fastest; each point's plan row is built
+    here, once (cfgd.plan, errors naming the sweep key)."""
     checkpoints = [str(c) for c in _listify(cfg.checkpoint) if str(c)]
     if not checkpoints:
         raise ConfigError("checkpoint is required: a checkpoint or run directory (or a list of them)")
     if not cfg.evaluator:
         raise ConfigError("evaluator is required: an evaluator checkpoint (train one with jobs/train_evaluator.py)")
-    try:
-        steps = [int(s) for s in _listify(cfg.steps)]
-        etas = [float(e) for e in _listify(cfg.eta)]
-    except (TypeError, ValueError):
-        raise ConfigError(f"steps={cfg.steps!r} / eta={cfg.eta!r}: need a number or a list of numbers") from None
+    ws = strength_columns(cfg.w, cfg.guidance_scale, DEFAULT_W)
     checks = [
-        ("w", ws and len(set(ws)) == len(ws) and all(math.isfinite(v) for v in ws), "a list of distinct numbers"),
-        ("steps", steps and all(s >= 1 for s in steps), "an int >= 1 or a list of them"),
-        ("eta", etas and all(e >= 0 for e in etas), "a number >= 0 or a list of them"),
         ("samples_per_w", cfg.samples_per_w >= 2, ">= 2"),
         ("k", 1 <= cfg.k < cfg.samples_per_w, "in [1, samples_per_w)"),
         ("is_splits", 1 <= cfg.is_splits <= cfg.samples_per_w, "in [1, samples_per_w]"),
@@ -162,19 +182,38 @@ def sweep_axes(cfg: SweepConfig) -> dict[str, list]:
         ("cpus_per_worker", cfg.cpus_per_worker > 0, "> 0"),
         ("grid_columns", cfg.grid_columns >= 1, ">= 1"),
         ("grid_zoom", cfg.grid_zoom >= 1, ">= 1"),
+        ("w", bool(ws), "a non-empty list"),
     ]
     for name, ok, valid in checks:
         if not ok:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
-    if cfg.spacing not in SPACINGS:
-        raise ConfigError(f"spacing={cfg.spacing!r} is not valid; choose one of {list(SPACINGS)}")
-    return {"checkpoint": checkpoints, "steps": steps, "eta": etas, "interval": _intervals(cfg.interval), "w": ws}
-
-
-def grid_points(axes: dict[str, list]) -> list[GridPoint]:
-    """The product of the axes, w varying fastest."""
-    return [GridPoint(c, s, e, i, w) for c, s, e, i, w in
-            itertools.product(axes["checkpoint"], axes["steps"], axes["eta"], axes["interval"], axes["w"])]
+    dims = {k: _listify(getattr(cfg, k)) for k in PLAN_KEYS if k not in ("w", "guidance_scale", "interval")}
+    dims["interval"] = _intervals(cfg.interval)
+    points: list[GridPoint] = []
+    solvers: dict = {}
+    try:
+        for ck in checkpoints:
+            for combo in itertools.product(*dims.values()):
+                values = dict(zip(dims, combo))
+                # A parameter of another rule does not make a new point.
+                for rule, names in RULE_PARAMS.items():
+                    if values["rule"] != rule:
+                        for name in names:
+                            values.pop(name, None)
+                if values["rule"] != "autoguidance":
+                    values.pop("guide")
+                for w in ws:
+                    key = tuple((k, values[k]) for k in ("solver", "steps", "eta", "spacing"))
+                    solver, g = from_fields({**values, **w}, PLAN_KEYS, solver=solvers.get(key))
+                    solvers[key] = solver
+                    p = GridPoint(ck, solver, g)
+                    if p not in points:
+                        points.append(p)
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    if len({p.w for p in points if p.group == points[0].group}) != len(ws):
+        raise ConfigError(f"w={cfg.w!r} / guidance_scale={cfg.guidance_scale!r}: the strengths must be distinct")
+    return points
 
 
 def sample_rows(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,12 +222,10 @@ def sample_rows(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.nda
     return i % num_classes, seed + i
 
 
-def row_cost(w: float, interval: Optional[tuple[int, int]], timesteps: list[int]) -> int:
-    """Network rows one sample costs: 2 per step where it is guided, 1 elsewhere (w = 0 or −1: 1)."""
-    if w in (0.0, -1.0):
-        return len(timesteps)
-    lo, hi = interval if interval is not None else (-math.inf, math.inf)
-    return sum(2 if lo <= t <= hi else 1 for t in timesteps)
+def rows_per_image(p: GridPoint, T: int, alphas_cumprod) -> int:
+    """Network rows one sample of ``p`` costs over the run (cfgd.guidance.plan_cost)."""
+    ts = ddim_timesteps(T, p.solver.steps, p.solver.spacing, alphas_cumprod)
+    return plan_cost(SamplingPlan(solver=p.solver, rows=(p.guidance,)), T, ts)[0]
 
 
 # ------------------------------------------------------------------ Ray workers
@@ -205,18 +242,15 @@ class SampleWorker:
         self.generators: dict[str, Generator] = {}
 
     def sample(self, task: dict) -> dict:
-        """task: checkpoint, labels, seeds, w, interval_lo/hi (±inf = none), steps, eta, spacing.
+        """task: checkpoint, labels, seeds, plan (a SamplingPlan, one row per label).
 
         Returns {"task": id, "images": uint8 (B, H, W, C), "seconds": sampling time}.
         """
         ck = task["checkpoint"]
         if ck not in self.generators:
             self.generators[ck] = Generator.load(ck, use_ema=self.use_ema, storage=self.storage_options)
-        lo, hi = np.asarray(task["interval_lo"]), np.asarray(task["interval_hi"])
-        interval = None if np.isinf(lo).all() and np.isinf(hi).all() else (torch.from_numpy(lo), torch.from_numpy(hi))
         t0 = time.perf_counter()
-        images = self.generators[ck].sample(task["labels"], task["seeds"], task["w"], steps=task["steps"],
-                                            eta=task["eta"], spacing=task["spacing"], interval=interval,
+        images = self.generators[ck].sample(task["labels"], task["seeds"], task["plan"],
                                             batch_size=len(task["labels"]))
         return {"task": task["id"], "images": to_uint8(images), "seconds": time.perf_counter() - t0}
 
@@ -284,10 +318,13 @@ class CheckpointInfo:
     num_classes: int
     shape: tuple[int, int, int]
     timesteps: int
+    alphas_cumprod: Any
     data_root: str
 
 
 def _checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
+    from cfgd.diffusion import make_schedule
+
     local = fetch_checkpoint(uri, opts)
     meta = read_checkpoint_meta(local)
     m = meta["model"]
@@ -297,6 +334,8 @@ def _checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> Checkpoin
                           step=int(meta["step"]), num_classes=int(m["num_classes"]),
                           shape=(int(m["in_channels"]), int(m["image_size"]), int(m["image_size"])),
                           timesteps=int(meta["config"]["diffusion"]["timesteps"]),
+                          alphas_cumprod=make_schedule(meta["config"]["diffusion"]["schedule"],
+                                                       int(meta["config"]["diffusion"]["timesteps"])).alphas_cumprod,
                           data_root=str(meta["config"].get("data", {}).get("root", "")))
 
 
@@ -311,11 +350,17 @@ class SweepResult:
 
 
 def _point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator, data_root: str) -> dict:
-    return {"checkpoint": p.checkpoint, "checkpoint_sha256": ck.sha256, "steps": p.steps, "eta": p.eta,
-            "interval": list(p.interval) if p.interval else None, "w": p.w, "spacing": cfg.spacing,
-            "use_ema": cfg.use_ema, "samples_per_w": cfg.samples_per_w, "seed": cfg.seed,
+    # Keys of the default CFG/DDIM point keep the shape they had before rules existed, so
+    # earlier sweeps' results are reused; anything else adds the full plan row.
+    g = p.guidance
+    key = {"checkpoint": p.checkpoint, "checkpoint_sha256": ck.sha256, "steps": p.solver.steps, "eta": p.solver.eta,
+           "interval": list(g.interval) if g.interval else None, "w": g.w, "spacing": p.solver.spacing,
+           "use_ema": cfg.use_ema, "samples_per_w": cfg.samples_per_w, "seed": cfg.seed,
             "evaluator_sha256": ev.sha256, "data_root": data_root, "real_split": cfg.real_split,
             "k": cfg.k, "is_splits": cfg.is_splits}
+    if p.solver.name != "ddim" or g.rule != "cfg" or p.params():
+        key["plan"] = {"solver": p.solver.model_dump(), "guidance": g.model_dump()}
+    return key
 
 
 def _tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[str, CheckpointInfo],
@@ -328,26 +373,24 @@ def _tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[str,
     tasks, shares = [], {}
     by_group: dict[tuple, list[GridPoint]] = {}
     for p in missing:
-        by_group.setdefault((p.checkpoint, p.steps, p.eta), []).append(p)
-    for (ck_uri, steps, eta), points in by_group.items():
+        by_group.setdefault((p.checkpoint, p.solver), []).append(p)
+    for (ck_uri, solver), points in by_group.items():
         info = infos[ck_uri]
         labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
-        ts = ddim_timesteps(info.timesteps, steps, cfg.spacing)
+        cost_of = {p: rows_per_image(p, info.timesteps, info.alphas_cumprod) for p in points}
         rows = [(i, p) for i in range(cfg.samples_per_w) for p in points]
         for lo in range(0, len(rows), cfg.chunk_size):
             chunk = rows[lo:lo + cfg.chunk_size]
             tid = f"t{len(tasks)}"
             cost: dict[str, float] = {}
             for _, p in chunk:
-                cost[ids[p]] = cost.get(ids[p], 0.0) + row_cost(p.w, p.interval, ts)
+                cost[ids[p]] = cost.get(ids[p], 0.0) + cost_of[p]
             total = sum(cost.values())
             shares[tid] = {k: v / total for k, v in cost.items()}
             tasks.append({
-                "id": tid, "checkpoint": info.uri, "steps": steps, "eta": eta, "spacing": cfg.spacing,
+                "id": tid, "checkpoint": info.uri,
                 "labels": [int(labels[i]) for i, _ in chunk], "seeds": [int(seeds[i]) for i, _ in chunk],
-                "w": [p.w for _, p in chunk],
-                "interval_lo": [float(p.interval[0]) if p.interval else -math.inf for _, p in chunk],
-                "interval_hi": [float(p.interval[1]) if p.interval else math.inf for _, p in chunk],
+                "plan": SamplingPlan(solver=solver, rows=tuple(p.guidance for _, p in chunk)),
                 "rows": [(ids[p], i) for i, p in chunk],
             })
     return tasks, shares
@@ -367,26 +410,29 @@ def _samples_table(images: np.ndarray, labels: np.ndarray, seeds: np.ndarray, w:
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
     """Run (or finish) the sweep described by ``cfg``; see the module docstring for outputs."""
     t_start = time.perf_counter()
-    axes = sweep_axes(cfg)
+    points = sweep_axes(cfg)
+    checkpoints = list(dict.fromkeys(p.checkpoint for p in points))
     opts = cfg.storage
-    infos = {uri: _checkpoint_info(uri, opts, cfg.use_ema) for uri in axes["checkpoint"]}
+    infos = {uri: _checkpoint_info(uri, opts, cfg.use_ema) for uri in checkpoints}
     evaluator = Evaluator.load(cfg.evaluator, opts)
     for uri, info in infos.items():
         if info.shape != evaluator.image_shape or info.num_classes != len(evaluator.class_names):
             raise ValueError(f"checkpoint {uri} makes {info.num_classes} classes of images {info.shape}, but "
                              f"evaluator {cfg.evaluator} was trained on {len(evaluator.class_names)} classes of "
                              f"{evaluator.image_shape}")
-        for s in axes["steps"]:
-            if s > info.timesteps:
-                raise ConfigError(f"steps={s} exceeds checkpoint {uri}'s {info.timesteps} timesteps")
-    data_root = cfg.data_root or infos[axes["checkpoint"][0]].data_root
+        for p in points:
+            if p.checkpoint == uri:
+                try:
+                    SamplingPlan(solver=p.solver, rows=(p.guidance,)).check(info.timesteps)
+                except PlanError as err:
+                    raise ConfigError(f"{err.field}: {err} (checkpoint {uri})") from None
+    data_root = cfg.data_root or infos[checkpoints[0]].data_root
     if not data_root:
         raise ConfigError("data_root is required: the checkpoint does not name its data")
-    out_uri = cfg.out or os.path.join("outputs", "sweeps", axes["checkpoint"][0].rstrip("/").rsplit("/", 1)[-1])
+    out_uri = cfg.out or os.path.join("outputs", "sweeps", checkpoints[0].rstrip("/").rsplit("/", 1)[-1])
     storage.check_access(out_uri, opts, write=True)
     out = _Out(out_uri, opts)
 
-    points = grid_points(axes)
     keys = {p: _point_key(p, infos[p.checkpoint], cfg, evaluator, data_root) for p in points}
     ids = {p: _digest(keys[p]) for p in points}
     done = {p for p in points if out.exists(f"points/{ids[p]}.json")}
@@ -411,7 +457,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> SweepResu
     if missing:
         _sample_points(cfg, missing, ids, keys, infos, evaluator, real, out, log)
 
-    rows = [_table_row(json.loads(out.read(f"points/{ids[p]}.json")), p, infos[p.checkpoint]) for p in points]
+    rows = [{**_table_row(json.loads(out.read(f"points/{ids[p]}.json")), p, infos[p.checkpoint]),
+             "group": _group_name(p.group)} for p in points]
     floor = json.loads(out.read(f"points/{floor_id}.json"))
     rows.append({**{c: None for c in TABLE_COLUMNS}, **floor["metrics"], "kind": "real_floor",
                  "n_samples": floor["n_samples"], "point_id": floor_id})
@@ -497,9 +544,12 @@ def _finish_point(p: GridPoint, pid: str, key: dict, images: np.ndarray, seconds
 
 
 def _table_row(record: dict, p: GridPoint, info: CheckpointInfo) -> dict:
+    iv = p.guidance.interval
     return {**record["metrics"], "kind": "generated", "checkpoint": p.checkpoint, "checkpoint_step": info.step,
-            "steps": p.steps, "eta": p.eta, "interval_lo": p.interval[0] if p.interval else None,
-            "interval_hi": p.interval[1] if p.interval else None, "w": p.w, "guidance_scale": 1 + p.w,
+            "solver": p.solver.name, "steps": p.solver.steps, "eta": p.solver.eta, "rule": p.guidance.rule,
+            "params": json.dumps(p.params(), sort_keys=True) if p.params() else "",
+            "interval_lo": iv[0] if iv else None, "interval_hi": iv[1] if iv else None, "w": p.w,
+            "guidance_scale": 1 + p.w, "rows_per_image": rows_per_image(p, info.timesteps, info.alphas_cumprod),
             "n_samples": record["n_samples"], "seconds": record["seconds"],
             "samples_per_s": record["samples_per_s"], "point_id": record["id"]}
 
@@ -508,10 +558,12 @@ def _table_row(record: dict, p: GridPoint, info: CheckpointInfo) -> dict:
 
 
 def _group_name(group: tuple) -> str:
-    ck, steps, eta, interval = group
+    ck, solver, g = group
     name = ck.rstrip("/").rsplit("/", 1)[-1]
-    iv = f"_t{interval[0]}-{interval[1]}" if interval else ""
-    return f"{name}_steps{steps}_eta{eta:g}{iv}"
+    iv = f"_t{g.interval[0]}-{g.interval[1]}" if g.interval else ""
+    extra = "".join(f"_{k}{v}" for k, v in GridPoint(ck, solver, g).params().items() if k != "guide")
+    eta = f"_eta{solver.eta:g}" if solver.name == "ddim" else ""
+    return f"{name}_{solver.name}{solver.steps}{eta}_{g.rule}{iv}{extra}".replace("+", "p")
 
 
 def labelled_grid(images: np.ndarray, row_labels: list[str], cols: int, zoom: int = 2) -> Image.Image:
@@ -560,16 +612,14 @@ def plot_sweep(rows: list[dict]) -> bytes:
     floor = next((r for r in rows if r["kind"] == "real_floor"), None)
     groups: dict[tuple, list[dict]] = {}
     for r in gen:
-        key = (r["checkpoint"], r["steps"], r["eta"],
-               (r["interval_lo"], r["interval_hi"]) if r["interval_lo"] is not None else None)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(r["group"], []).append(r)
     fig = Figure(figsize=(16, 4.6), layout="constrained")
     ax_fid, ax_acc, ax_tradeoff = fig.subplots(1, 3)
     ax_is = ax_acc.twinx()
     for gi, (key, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["w"])
         w = [r["w"] for r in rs]
-        name = _group_name(key) if len(groups) > 1 else None
+        name = key if len(groups) > 1 else None
         color = f"C{gi % 10}"
         ax_fid.plot(w, [r["fid"] for r in rs], "o-", color=color, label=name)
         ax_acc.plot(w, [r["accuracy"] for r in rs], "o-", color=color, label=name and f"accuracy {name}")
