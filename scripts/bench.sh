@@ -9,7 +9,7 @@
 # for the training rows if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CFGD_EXTRAS=test,bench bash scripts/setup.sh
+bash scripts/setup.sh
 export RAY_DISABLE_USAGE_STATS=1
 PY=.venv/bin/python
 out="outputs/bench/$(date -u +%Y%m%dT%H%M%SZ)"

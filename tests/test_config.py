@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cfgd.config import Config, ConfigError, from_dict, load_config, masked, to_dict, to_yaml
+from cfgd.config import Config, ConfigError, config_plan, from_dict, load_config, masked, to_dict, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,6 @@ def test_defaults_are_safe_on_a_two_core_machine():
     (["diffusion.schedule=quadratic"], "diffusion.schedule='quadratic'.*cosine"),
     (["model.size=huge"], "model.size='huge'.*tiny"),
     (["diffusion.p_uncond=1.5"], "diffusion.p_uncond"),
-    (["sample.steps=0"], "sample.steps"),
-    (["sample.eta=1e300"], "sample.eta"),
-    (["sample.solver=dpm++2m", "sample.rule=cfg++"], "sample.rule"),
-    (["sample.w=[1]", "sample.guidance_scale=[2]"], "not both"),
     (["train.steps"], "key=value"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, match):
@@ -58,5 +54,34 @@ def test_cli_prints_the_resolved_config_and_exits_2_on_a_bad_key():
     assert bad.returncode == 2 and "sample.stepz" in bad.stderr
     missing = subprocess.run([sys.executable, str(ROOT / "jobs/sample.py"), "sample.steps=3"],
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 1 and "sample.checkpoint is required" in missing.stderr
+    assert missing.returncode == 2 and "sample.checkpoint is required" in missing.stderr
     assert "resolved config:" in missing.stdout and "steps: 3" in missing.stdout
+    # The sampling plan is bounded at the edge: eta=1e300 used to end in an OverflowError.
+    huge = subprocess.run([sys.executable, str(ROOT / "jobs/sample.py"), "sample.checkpoint=/nowhere",
+                           "sample.eta=1e300"], capture_output=True, text=True, timeout=120)
+    assert huge.returncode == 2 and "sample.eta=1e+300" in huge.stderr and "Traceback" not in huge.stderr
+
+
+@pytest.mark.parametrize("override,match", [
+    (["sample.steps=0"], "sample.steps=0"),
+    (["sample.w=[1]", "sample.guidance_scale=[2]"], "sample.w: give w or guidance_scale, not both"),
+    (["sample.eta=1.5"], "sample.eta=1.5"),
+    (["sample.solver=dpm++2m", "sample.rule=cfg++"], "sample.rule: .*DDIM"),
+    (["sample.solver=dpm++2m", "sample.eta=0.5"], "sample.eta"),
+    (["sample.rule=apg", "sample.apg_beta=2"], "sample.apg_beta=2.0"),
+    (["sample.weight_schedule=odd"], "sample.weight_schedule"),
+    (["sample.guidance_interval=[5,2]"], "sample.guidance_interval"),
+    (["sample.rule=autoguidance"], "sample.guide"),
+    (["sample.threshold=0.1"], "sample.threshold"),
+    (["sample.guidance_scale=[-1]"], "sample.guidance_scale=-1.0 \\(w = -2.0\\)"),
+    (["sample.w=[]"], "sample.w"),
+])
+def test_the_sampling_plan_is_refused_naming_the_sample_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        config_plan(load_config(None, override).sample)
+
+
+def test_the_sampling_plan_of_the_default_config():
+    solver, columns = config_plan(load_config(None, ["sample.solver=dpm++2m", "sample.guidance_scale=[1,4]"]).sample)
+    assert (solver.name, solver.spacing, solver.steps) == ("dpm++2m", "logsnr", 50)
+    assert [g.w for g in columns] == [0.0, 3.0] and all(g.rule == "cfg" and g.clip for g in columns)

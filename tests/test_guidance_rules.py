@@ -15,6 +15,7 @@ from cfgd.diffusion import make_schedule
 from cfgd.guidance import GuidedDenoiser, Rows, plan_cost
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import ddim_timesteps, sample
+from test_math import gaussian_eps
 
 NULL = 10
 SHAPE = (1, 4, 4)
@@ -208,6 +209,9 @@ def test_bounds_and_combinations_name_their_field():
     with pytest.raises(ValidationError, match="eta"):
         Solver(name="dpm++2m", eta=0.5)
     assert Guidance(guidance_scale=3.0).w == 2.0
+    with pytest.raises(ValidationError, match=r"\[w\].*lam"):
+        Guidance(rule="cfg++", w=2.0)  # CFG++'s strength is lam: no second, ignored knob
+    assert Guidance.model_validate({"rule": "cfg++", "lam": 0.5}, context={"default_w": 1.0}).w == 0.0
 
 
 # --------------------------------------------------------------------- per row
@@ -275,14 +279,6 @@ def test_network_rows_per_rule_and_step():
 
 
 # -------------------------------------------------------------------- DPM-Solver++
-
-
-def gaussian_eps(mu: float, std: float, schedule):
-    def eps(x, t, y):
-        a = schedule.alpha_bar(t).to(x.dtype)[:, None, None, None]
-        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * std**2 + 1 - a)
-
-    return eps
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -110,7 +110,7 @@ def test_sweep_axes_and_validation():
     rules = sweep_axes(SweepConfig(checkpoint="a", evaluator="e", w=[1, 2], rule=["cfg", "apg", "cfg++"],
                                    apg_beta=[0.0, -0.5], lam=[0.2, 0.8], solver="ddim"))
     counts = {r: sum(p.guidance.rule == r for p in rules) for r in ("cfg", "apg", "cfg++")}
-    assert counts == {"cfg": 2, "apg": 4, "cfg++": 4}
+    assert counts == {"cfg": 2, "apg": 4, "cfg++": 2}  # CFG++ is steered by lam, not w
     for bad, match in [(dict(w=[1], guidance_scale=[2]), "not both"), (dict(interval=[20, 10]), "interval"),
                        (dict(steps=0), "steps"), (dict(samples_per_w=1), "samples_per_w"),
                        (dict(spacing="odd"), "spacing"), (dict(evaluator=""), "evaluator"),

@@ -31,6 +31,12 @@ def parse(description: str, argv: list[str] | None = None, schema: type = Config
     return cfg
 
 
+def refuse(err: Exception) -> None:
+    """A bad setting found after parsing (e.g. the sampling plan): exit 2, as parse does."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def fail(err: Exception) -> None:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(1)

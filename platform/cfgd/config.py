@@ -155,7 +155,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}={value!r} is not valid; it must be {valid}")
     if cfg.train.keep_best_by not in ("", "loss"):
         raise ConfigError(f"train.keep_best_by={cfg.train.keep_best_by!r} is not valid; choose '' or 'loss'")
-    config_plan(cfg.sample)  # the sampling settings, bounded by the plan itself
     return cfg
 
 
@@ -181,7 +180,8 @@ def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
         values["guidance_interval"] = tuple(values["guidance_interval"])
     solver, columns = None, []
     try:
-        for strength in strength_columns(sc.w, sc.guidance_scale, default=[0.0, 1.0, 3.0]):
+        default = [None] if sc.rule == "cfg++" else [0.0, 1.0, 3.0]  # CFG++ has no w: one column
+        for strength in strength_columns(sc.w, sc.guidance_scale, default=default):
             solver, g = from_fields({**values, **strength}, SAMPLE_PLAN_KEYS, solver=solver)
             columns.append(g)
     except PlanError as err:

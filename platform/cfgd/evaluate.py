@@ -258,6 +258,17 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
 
 
+def fid_bootstrap_std(features: np.ndarray, reference: np.ndarray, resamples: int = 100, seed: int = 0) -> float:
+    """Standard deviation of FID over bootstrap resamples of the generated features (N, D):
+    the sampling noise of one FID figure, against which two settings are compared."""
+    f = np.asarray(features, dtype=np.float64)
+    ref_stats = feature_stats(reference)
+    rng = np.random.default_rng(seed)
+    draws = [frechet_distance(*feature_stats(f[rng.integers(0, len(f), len(f))]), *ref_stats)
+             for _ in range(resamples)]
+    return float(np.std(draws, ddof=1))
+
+
 def inception_score(probs: np.ndarray, splits: int = 1) -> tuple[float, float]:
     """exp E_x KL(p(y|x) ‖ p(y)) of class probabilities (N, K); (mean, std) over ``splits``.
 
@@ -326,7 +337,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
     return _coverage(f, r, r_rad, chunk), _coverage(r, f, f_rad, chunk)
 
 
-METRICS = ("fid", "inception_score", "inception_score_std", "accuracy", "precision", "recall")
+METRICS = ("fid", "fid_std", "inception_score", "inception_score_std", "accuracy", "precision", "recall")
 
 
 def compute_metrics(gen: Embedding, labels: np.ndarray, reference: Embedding, pr_reference: Embedding,
@@ -338,7 +349,8 @@ def compute_metrics(gen: Embedding, labels: np.ndarray, reference: Embedding, pr
     """
     is_mean, is_std = inception_score(gen.probs, is_splits)
     p, r = precision_recall(pr_reference.features, gen.features, k)
-    return {"fid": fid(gen.features, reference.features), "inception_score": is_mean,
+    return {"fid": fid(gen.features, reference.features),
+            "fid_std": fid_bootstrap_std(gen.features, reference.features), "inception_score": is_mean,
             "inception_score_std": is_std, "accuracy": conditional_accuracy(gen.probs, labels),
             "precision": p, "recall": r}
 

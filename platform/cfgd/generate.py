@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
-from cfgd.config import SampleConfig, config_plan
+from cfgd.config import SampleConfig
 from cfgd.diffusion import EpsFn, make_schedule
 from cfgd.guidance import null_label
-from cfgd.plan import SamplingPlan
+from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
 from cfgd.storage import StorageOptions, is_remote
 
@@ -194,14 +194,15 @@ def make_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, gap: int =
     return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
 
 
-def sample_grid(sc: SampleConfig, device: str = "cpu", storage: StorageOptions | None = None) -> dict[str, str]:
-    """Run ``jobs/sample.py``: a grid of rows = classes, columns = w values.
+def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], device: str = "cpu",
+                storage: StorageOptions | None = None) -> dict[str, str]:
+    """Run ``jobs/sample.py``: a grid of rows = classes, columns = guidance (w values).
 
-    Sample j of class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the
-    columns differ only by guidance. Writes ``grid.png`` and ``samples.npz`` (images
-    uint8 NHWC, labels, w, guidance_scale, seeds) and returns their paths.
+    ``solver`` and ``columns`` come from :func:`cfgd.config.config_plan`. Sample j of
+    class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the columns differ
+    only by guidance. Writes ``grid.png`` and ``samples.npz`` (images uint8 NHWC, labels,
+    w, guidance_scale, seeds) and returns their paths.
     """
-    solver, columns = config_plan(sc)
     gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
     labels, rows, seeds = [], [], []

@@ -93,6 +93,11 @@ class Guidance(BaseModel):
             data["w"] = gs - 1.0
         elif w is None:
             data["w"] = (info.context or {}).get("default_w", 0.0)
+        if data.get("rule") == "cfg++":
+            # CFG++'s strength is λ; a w would be a second, silently ignored knob.
+            if (w is not None or gs is not None) and data["w"] != 0:
+                raise _bad("w", "rule 'cfg++' is steered by lam, not by w or guidance_scale (leave them out)")
+            data["w"] = 0.0
         return data
 
     @model_validator(mode="after")

@@ -223,20 +223,11 @@ def settings_from_args(args: dict | None) -> dict:
 # -------------------------------------------------------------------------- schemas
 
 
-class GenerateRequest(BaseModel):
-    """POST /generate. Image i uses seed ``seed + i``; same request → same bytes."""
+class PlanFields(BaseModel):
+    """The sampling plan's fields of a request (cfgd.plan checks bounds and combinations)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    class_label: Optional[StrictInt] = Field(None, description="class index; or give class_name")
-    class_name: Optional[str] = Field(None, description="a label name of the checkpoint")
-    num_images: StrictInt = Field(1, ge=1)
-    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
-    format: Literal["png_list", "grid"] = "png_list"
-    checkpoint: Optional[str] = Field(None, description="a configured checkpoint name (default: the server's)")
-    # The sampling plan's fields (cfgd.plan; bounds and combinations are checked there).
-    w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
-    guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
     solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
     steps: Optional[StrictInt] = Field(None, ge=1, description="solver steps (default: server's default_steps)")
     eta: FiniteFloat = Field(0.0, description="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
@@ -255,6 +246,19 @@ class GenerateRequest(BaseModel):
     guide: Optional[str] = Field(None, description="autoguidance: a configured checkpoint name")
 
 
+class GenerateRequest(PlanFields):
+    """POST /generate. Image i uses seed ``seed + i``; same request → same bytes."""
+
+    class_label: Optional[StrictInt] = Field(None, description="class index; or give class_name")
+    class_name: Optional[str] = Field(None, description="a label name of the checkpoint")
+    num_images: StrictInt = Field(1, ge=1)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    format: Literal["png_list", "grid"] = "png_list"
+    checkpoint: Optional[str] = Field(None, description="a configured checkpoint name (default: the server's)")
+    w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
+    guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
+
+
 # Where a request field lands in the sampling plan (the same for /generate and /bulk).
 PLAN_KEYS = {
     "solver": "solver.name", "steps": "solver.steps", "spacing": "solver.spacing", "eta": "solver.eta",
@@ -265,10 +269,8 @@ PLAN_KEYS = {
 }
 
 
-class BulkRequest(BaseModel):
+class BulkRequest(PlanFields):
     """POST /bulk: ``counts`` images for every (class, w), written as Parquet shards."""
-
-    model_config = ConfigDict(extra="forbid")
 
     destination: str = Field(..., description="a sub-path of the server's output_prefix, or a URI under it")
     classes: Optional[list[StrictInt]] = Field(None, description="class indices (default: every class)")
@@ -279,21 +281,6 @@ class BulkRequest(BaseModel):
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     png_files: StrictBool = False
     checkpoint: Optional[str] = None
-    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
-    steps: Optional[StrictInt] = Field(None, ge=1)
-    eta: FiniteFloat = 0.0
-    spacing: Optional[Literal[SPACINGS]] = None  # type: ignore[valid-type]
-    rule: Literal[RULES] = "cfg"  # type: ignore[valid-type]
-    lam: FiniteFloat = 1.0
-    apg_beta: FiniteFloat = 0.0
-    apg_r: Optional[FiniteFloat] = None
-    apg_eta: FiniteFloat = 1.0
-    weight_schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
-    guidance_interval: Optional[tuple[StrictInt, StrictInt]] = None
-    rescale: FiniteFloat = 0.0
-    clip: StrictBool = True
-    threshold: Optional[FiniteFloat] = None
-    guide: Optional[str] = None
 
 
 def _parse(model: type[BaseModel], body: dict | BaseModel) -> Any:

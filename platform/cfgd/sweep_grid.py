@@ -1,0 +1,187 @@
+"""The grid of a guidance sweep: its config and its points, each a sampling-plan row.
+
+Every grid point's solver and guidance are built here, once, from the sweep's keys
+(cfgd.plan), with errors naming the sweep key; the sweep (cfgd.sweep) only runs them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from cfgd.config import ConfigError
+from cfgd.guidance import plan_cost
+from cfgd.plan import RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
+from cfgd.sampling import ddim_timesteps
+from cfgd.storage import StorageOptions
+
+DEFAULT_W = [0.0, 0.5, 1.0, 2.0, 4.0]
+
+@dataclass
+class SweepConfig:
+    """``jobs/sweep.py``: every key is top level (``w=[0,1]``, ``steps=25``), storage under ``storage.``.
+
+    ``checkpoint``, ``solver``, ``steps``, ``eta``, ``interval``, ``rule`` and each rule
+    parameter take one value or a list of values; each list is one more grid dimension
+    (a parameter only multiplies the points of the rules that use it).
+    """
+
+    checkpoint: Any = ""  # checkpoint or run dir (path or s3://), or a list of them
+    evaluator: str = ""  # evaluator checkpoint from jobs/train_evaluator.py (path or s3://)
+    out: str = ""  # where results go (path or s3://); "" = outputs/sweeps/<first checkpoint's name>
+    data_root: str = ""  # real images (Parquet shards); "" = the first checkpoint's data.root
+    real_split: str = "test"
+    w: Optional[list[float]] = None  # guidance strengths, paper form; default [0, 0.5, 1, 2, 4]
+    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
+    samples_per_w: int = 500  # samples per grid point; sample i has class i mod num_classes
+    solver: Any = "ddim"  # ddim | dpm++2m, or a list
+    steps: Any = 25  # solver steps: an int or a list
+    eta: Any = 0.0  # DDIM eta: a float or a list
+    interval: Any = None  # guidance interval [t_lo, t_hi] in 1..T, null = everywhere, or a list of them
+    spacing: Optional[str] = None  # null = each solver's default
+    rule: Any = "cfg"  # cfg | cfg++ | apg | cfg_zero_star | autoguidance, or a list
+    lam: Any = 1.0  # CFG++ lambda (or a list)
+    apg_beta: Any = 0.0  # APG momentum (or a list)
+    apg_r: Any = None  # APG norm cap (or a list; null = none)
+    apg_eta: Any = 1.0  # APG parallel weight (or a list)
+    weight_schedule: Any = "constant"  # constant | linear | cosine (or a list)
+    rescale: Any = 0.0  # guidance rescale phi (or a list)
+    threshold: Any = None  # dynamic thresholding quantile (or a list; null = clipping)
+    guide: Any = None  # autoguidance: the guiding checkpoint (or a list)
+    use_ema: bool = True
+    seed: int = 0  # sample i uses seed + i at every grid point
+    k: int = 3  # neighbourhood size of precision/recall
+    is_splits: int = 1  # Inception Score splits
+    chunk_size: int = 100  # rows per Ray task (mixed w)
+    num_workers: int = 0  # sampling actors; 0 = as many as the free CPUs allow
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 0  # torch threads per actor; 0 = max(1, cpus_per_worker)
+    ray_address: str = ""  # "" = join RAY_ADDRESS or start a local Ray; "auto" / host:port = a cluster
+    num_cpus: int = 0  # CPUs of a local Ray started here (0 = all)
+    grid_columns: int = 20  # samples per row of the sample grid
+    grid_zoom: int = 2  # pixel magnification of the grid image
+    progress: bool = True  # tqdm bar over the whole sweep
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+# ------------------------------------------------------------------ the grid
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    checkpoint: str
+    solver: Solver
+    guidance: Guidance  # this point's plan row, built once (sweep_axes)
+
+    @property
+    def w(self) -> float:
+        return self.guidance.w
+
+    @property
+    def group(self) -> tuple:
+        """Everything but w: rows of one group go into one grid image and one plot line."""
+        return (self.checkpoint, self.solver, self.guidance.model_copy(update={"w": 0.0}))
+
+    def params(self) -> dict:
+        """The guidance parameters that are not at their defaults (besides rule, w, interval)."""
+        d = self.guidance.model_dump(exclude={"rule", "w", "interval", "guidance_scale"})
+        defaults = Guidance(rule=self.guidance.rule, guide=self.guidance.guide).model_dump(exclude={"rule", "w",
+                                                                                                      "interval"})
+        return {k: v for k, v in d.items() if v != defaults.get(k)}
+
+
+def _listify(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _intervals(value: Any) -> list[Optional[tuple[int, int]]]:
+    """null → [None]; [lo, hi] → [(lo, hi)]; [[lo, hi], null, ...] → several."""
+    if value is None:
+        return [None]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        value = [value]
+    out = []
+    for v in _listify(value):
+        if v is None:
+            out.append(None)
+            continue
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, (int, float)) for b in v)):
+            raise ConfigError(f"interval={value!r} is not valid; use null, [t_lo, t_hi], or a list of those")
+        out.append((int(v[0]), int(v[1])))
+    return out
+
+
+# A sweep key's place in the sampling plan (the grid's dimensions besides checkpoint).
+PLAN_KEYS = {"solver": "solver.name", "steps": "solver.steps", "eta": "solver.eta", "spacing": "solver.spacing",
+             "rule": "guidance.rule", "lam": "guidance.lam", "apg_beta": "guidance.apg_beta",
+             "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta", "weight_schedule": "guidance.schedule",
+             "interval": "guidance.interval", "rescale": "guidance.rescale", "threshold": "guidance.threshold",
+             "guide": "guidance.guide", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale"}
+
+
+def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
+    """The grid points after validation, w varying fastest; each point's plan row is built
+    here, once (cfgd.plan, errors naming the sweep key)."""
+    checkpoints = [str(c) for c in _listify(cfg.checkpoint) if str(c)]
+    if not checkpoints:
+        raise ConfigError("checkpoint is required: a checkpoint or run directory (or a list of them)")
+    if not cfg.evaluator:
+        raise ConfigError("evaluator is required: an evaluator checkpoint (train one with jobs/train_evaluator.py)")
+    ws = strength_columns(cfg.w, cfg.guidance_scale, DEFAULT_W)
+    checks = [
+        ("samples_per_w", cfg.samples_per_w >= 2, ">= 2"),
+        ("k", 1 <= cfg.k < cfg.samples_per_w, "in [1, samples_per_w)"),
+        ("is_splits", 1 <= cfg.is_splits <= cfg.samples_per_w, "in [1, samples_per_w]"),
+        ("chunk_size", cfg.chunk_size >= 1, ">= 1"),
+        ("num_workers", cfg.num_workers >= 0, ">= 0"),
+        ("cpus_per_worker", cfg.cpus_per_worker > 0, "> 0"),
+        ("grid_columns", cfg.grid_columns >= 1, ">= 1"),
+        ("grid_zoom", cfg.grid_zoom >= 1, ">= 1"),
+        ("w", bool(ws), "a non-empty list"),
+    ]
+    for name, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
+    dims = {k: _listify(getattr(cfg, k)) for k in PLAN_KEYS if k not in ("w", "guidance_scale", "interval")}
+    dims["interval"] = _intervals(cfg.interval)
+    points: list[GridPoint] = []
+    solvers: dict = {}
+    try:
+        for ck in checkpoints:
+            for combo in itertools.product(*dims.values()):
+                values = dict(zip(dims, combo))
+                # A parameter of another rule does not make a new point.
+                for rule, names in RULE_PARAMS.items():
+                    if values["rule"] != rule:
+                        for name in names:
+                            values.pop(name, None)
+                if values["rule"] != "autoguidance":
+                    values.pop("guide")
+                for w in ([{}] if values["rule"] == "cfg++" else ws):  # CFG++ has λ, not w
+                    key = tuple((k, values[k]) for k in ("solver", "steps", "eta", "spacing"))
+                    solver, g = from_fields({**values, **w}, PLAN_KEYS, solver=solvers.get(key))
+                    solvers[key] = solver
+                    p = GridPoint(ck, solver, g)
+                    if p not in points:
+                        points.append(p)
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    first = next((p for p in points if p.guidance.rule != "cfg++"), None)
+    if first is not None and len({p.w for p in points if p.group == first.group}) != len(ws):
+        raise ConfigError(f"w={cfg.w!r} / guidance_scale={cfg.guidance_scale!r}: the strengths must be distinct")
+    return points
+
+
+def sample_rows(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, seeds) of the n samples every grid point draws: class i mod C, seed + i."""
+    i = np.arange(n, dtype=np.int64)
+    return i % num_classes, seed + i
+
+
+def rows_per_image(p: GridPoint, T: int, alphas_cumprod) -> int:
+    """Network rows one sample of ``p`` costs over the run (cfgd.guidance.plan_cost)."""
+    ts = ddim_timesteps(T, p.solver.steps, p.solver.spacing, alphas_cumprod)
+    return plan_cost(SamplingPlan(solver=p.solver, rows=(p.guidance,)), T, ts)[0]
