@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite: sampling (floor, platform, naive CFG, diffusers, guidance interval,
+# The benchmark suite: sampling (floor, platform with DDIM and DPM-Solver++, naive CFG,
+# diffusers DDIM and DPM-Solver++, guidance interval, every solver × guidance rule,
 # scaling, memory) then training (plain loop, Ray Train 1 and 2 workers, Ray Data rate).
 # ≈ 13 min on a 2-core CPU. Prints the tables and saves them under outputs/bench/.
 #   bash scripts/bench.sh              # sampling + training

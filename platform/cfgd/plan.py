@@ -59,6 +59,7 @@ class Guidance(BaseModel):
     interval       [t_lo, t_hi]: guided only there (ε_c elsewhere, one network row)
     rescale        φ of Lin et al. 2023 (0 = off)
     clip           clamp x̂0 to [−1, 1] · threshold: dynamic thresholding at quantile p
+                   (replaces clipping for the row when given)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

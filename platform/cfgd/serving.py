@@ -856,16 +856,21 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
 
     plan = BulkPlan.from_dict(plan_dict)
     torch.set_num_threads(threads)
-    key = (plan.checkpoint_uri, repr(opts), plan.pad_rows)
-    if key not in _SHARD_GENERATORS:
-        _SHARD_GENERATORS.clear()  # one checkpoint per worker is enough
-        _SHARD_GENERATORS[key] = load_generator(plan.checkpoint_uri, opts, plan.pad_rows)
-    gen = _SHARD_GENERATORS[key]
+
+    def cached(uri: str) -> Generator:
+        key = (uri, repr(opts), plan.pad_rows)
+        if key not in _SHARD_GENERATORS:
+            _SHARD_GENERATORS[key] = load_generator(uri, opts, plan.pad_rows)
+        return _SHARD_GENERATORS[key]
+
+    wanted = {(u, repr(opts), plan.pad_rows) for u in (plan.checkpoint_uri, *plan.guide_uris.values())}
+    for key in set(_SHARD_GENERATORS) - wanted:  # this job's networks are enough per worker
+        del _SHARD_GENERATORS[key]
+    gen = cached(plan.checkpoint_uri)
     rows = plan.shard_rows(shard)
     idx, labels, ks, seeds = (list(v) for v in zip(*rows))
     solver, guidance = plan.sampling()
-    guides = {name: Generator.load(uri, storage=opts, rows_per_call=gen.rows_per_call,
-                                   channels_last=gen.channels_last) for name, uri in plan.guide_uris.items()}
+    guides = {name: cached(uri) for name, uri in plan.guide_uris.items()}
     images = gen.sample(labels, seeds, SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)),
                         guides=guides, batch_size=len(rows))
     ws = [guidance[k].w for k in ks]
