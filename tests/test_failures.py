@@ -328,8 +328,8 @@ def test_stopped_job_resumes_when_rerun(launch, digits_shards, tmp_path):
 
 def test_rank0_killed_after_commit_resumes_from_the_unrecorded_checkpoint(ray_local, digits_shards, tmp_path, capfd):
     """Deterministic form of the race above: rank 0 dies right after its checkpoint at step
-    40 is complete in the run directory and before Ray Train records it. The restarted
-    workers resume at 40 (not at the recorded 20), adopt it into Ray's record, and
+    20 is complete in the run directory and before Ray Train records it. The restarted
+    workers resume at 20 (not at the recorded 10), adopt it into Ray's record, and
     retention then keeps exactly the newest ``keep_checkpoints``."""
     from faults import crash_after_commit
 
@@ -338,20 +338,20 @@ def test_rank0_killed_after_commit_resumes_from_the_unrecorded_checkpoint(ray_lo
 
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
         f"data.root={digits_shards}", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=commit_kill",
-        "train.steps=60", "train.checkpoint_every=20", "train.keep_checkpoints=2", "train.max_failures=1",
+        "train.steps=30", "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.max_failures=1",
         "train.log_every=10"])
     marker = tmp_path / "killed"
-    result = fit(cfg, loop_fn=crash_after_commit(40, marker))
+    result = fit(cfg, loop_fn=crash_after_commit(20, marker))
     out = capfd.readouterr().out
     assert marker.exists(), "the fault was not injected"
-    assert result.metrics["step"] == 60
-    assert _resumed_step_of(out) == 40, out[-4000:]
-    assert "checkpoint_unrecorded_40 (step 40, not recorded by Ray Train)" in out
+    assert result.metrics["step"] == 30
+    assert _resumed_step_of(out) == 20, out[-4000:]
+    assert "checkpoint_unrecorded_20 (step 20, not recorded by Ray Train)" in out
     found = find_checkpoints(run_dir(cfg.train))
-    assert [s for s, _ in found] == [40, 60], found  # 20 retired by Ray's retention after the adoption
-    assert load_checkpoint(found[-1][1]).meta["started_at_step"] == 40
+    assert [s for s, _ in found] == [20, 30], found  # 10 retired by Ray's retention after the adoption
+    assert load_checkpoint(found[-1][1]).meta["started_at_step"] == 20
     snapshot = (run_dir(cfg.train) / SNAPSHOT).read_text()
-    assert "checkpoint_unrecorded_40" in snapshot, "the resumed-from checkpoint was not adopted into Ray's record"
+    assert "checkpoint_unrecorded_20" in snapshot, "the resumed-from checkpoint was not adopted into Ray's record"
 
 
 def _resumed_step_of(text: str) -> int | None:

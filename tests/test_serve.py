@@ -211,9 +211,10 @@ def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
         ({**good, "eta": 5}, 422, "eta"),
         ({**good, "solver": "euler"}, 422, "solver"),
         ({**good, "solver": "dpm++2m", "eta": 0.5}, 422, "eta"),
-        ({**good, "solver": "dpm++2m", "rule": "cfg++"}, 422, "rule"),  # CFG++ is DDIM's
+        ({"class_label": 1, "solver": "dpm++2m", "rule": "cfg++"}, 422, "rule"),  # CFG++ is DDIM's
+        ({**good, "rule": "cfg++"}, 422, "w"),  # CFG++ is steered by lam: a w is refused, not ignored
         ({**good, "rule": "odd"}, 422, "rule"),
-        ({**good, "rule": "cfg++", "lam": 2.0}, 422, "lam"),
+        ({"class_label": 1, "rule": "cfg++", "lam": 2.0}, 422, "lam"),
         ({**good, "rule": "apg", "apg_beta": 1.5}, 422, "apg_beta"),
         ({**good, "rule": "apg", "apg_r": 0}, 422, "apg_r"),
         ({**good, "rule": "apg", "apg_eta": -1}, 422, "apg_eta"),

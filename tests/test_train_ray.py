@@ -1,4 +1,8 @@
-"""Ray Train end to end on a real local Ray: Parquet shards → 2 DDP workers → checkpoint → resume → samples."""
+"""Ray Train end to end on a real local Ray: Parquet shards → 2 DDP workers → checkpoints → samples.
+
+Resuming (a rerun, a restarted worker group, a checkpoint Ray had not recorded) is
+tested in test_failures.py, test_resume.py and test_s3_pipeline.py.
+"""
 
 import subprocess
 import sys
@@ -18,7 +22,7 @@ def _cfg(root, runs, steps):
         f"train.steps={steps}", "train.checkpoint_every=2", "train.keep_checkpoints=3"])
 
 
-def test_two_workers_write_a_checkpoint_and_resume_from_it(ray_local, digits_shards, tmp_path, capfd):
+def test_two_workers_write_checkpoints_and_the_sampling_job_reads_them(ray_local, digits_shards, tmp_path, capfd):
     runs = tmp_path / "runs"
     first = fit(_cfg(digits_shards, runs, steps=4))
     assert first.metrics["step"] == 4
@@ -29,15 +33,7 @@ def test_two_workers_write_a_checkpoint_and_resume_from_it(ray_local, digits_sha
     assert ck.meta["world_size"] == 2
     assert ck.optimizer_state["state"], "optimizer state is saved"
 
-    second = fit(_cfg(digits_shards, runs, steps=6))  # same run name: resumes
-    assert second.metrics["step"] == 6
-    found = find_checkpoints(run_dir(_cfg(digits_shards, runs, 6).train))
-    assert [s for s, _ in found] == [2, 4, 6]
-    last = load_checkpoint(found[-1][1], with_optimizer=True)
-    assert last.meta["started_at_step"] == 4  # resumed, did not start over
-    adam_steps = {int(v["step"]) for v in last.optimizer_state["state"].values()}
-    assert adam_steps == {6}  # optimizer state carried across the restart
-    assert "resuming from checkpoint at step 4" in capfd.readouterr().out
+    assert "starting a new run" in capfd.readouterr().out
 
     # The sampling job, as a user runs it, on the run directory's newest checkpoint.
     out = tmp_path / "samples"
