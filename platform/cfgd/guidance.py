@@ -269,8 +269,11 @@ class GuidedDenoiser:
         """Clipping / dynamic thresholding of x̂0 per row; (x̂0, rows changed (B,1,1,1) or None)."""
         rows = self.rows
         thr = ~torch.isnan(rows.threshold)
-        if not bool(rows.clip.any()) and not bool(thr.any()):
-            return x0, None
+        if not bool(thr.any()):
+            if not bool(rows.clip.any()):
+                return x0, None
+            if bool(rows.clip.all()):  # the default: every row clipped, no per-row selection
+                return x0.clamp(-1, 1), torch.ones((), dtype=torch.bool, device=x0.device)
         out = torch.where(bcast(rows.clip, x0).bool(), x0.clamp(-1, 1), x0)
         if bool(thr.any()):
             # Imagen: s = max(1, quantile_p |x̂0|); x̂0 ← clamp(x̂0, −s, s) / s.

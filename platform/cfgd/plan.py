@@ -111,11 +111,6 @@ class Guidance(BaseModel):
             raise _bad("rule", "cfg++ takes lam, not a weight schedule or rescale")
         return self
 
-    @property
-    def needs_uncond(self) -> bool:
-        """Whether a guided step evaluates the network on ∅ (else on the guide network)."""
-        return self.rule != "autoguidance"
-
 
 class Solver(BaseModel):
     """The solver and its settings: one per batch."""

@@ -19,10 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cfgd.diffusion import EpsFn, Schedule
-from cfgd.guidance import GuidedDenoiser
+from cfgd.guidance import Denoised, GuidedDenoiser
 from cfgd.plan import SPACINGS, SamplingPlan, Solver
 
-Denoise = Callable[[torch.Tensor, int], "object"]  # (x_t, t) -> cfgd.guidance.Denoised
+Denoise = Callable[[torch.Tensor, int], Denoised]  # (x_t, t) -> guided x̂0 and re-noise ε
 
 
 def ddim_timesteps(T: int, steps: int, spacing: str = "trailing", alphas_cumprod=None) -> list[int]:
