@@ -44,7 +44,7 @@ import torch
 
 from cfgd.diffusion import make_schedule
 from cfgd.generate import Generator, eps_fn_of, prepare_network
-from cfgd.guidance import null_label
+from cfgd.spec import null_label
 from cfgd.model import ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample

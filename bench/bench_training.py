@@ -28,7 +28,7 @@ import torch
 from cfgd.config import load_config
 from cfgd.data import decode_png, read_dataset, read_meta
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
-from cfgd.guidance import null_label
+from cfgd.spec import null_label
 from cfgd.model import ModelSpec, build_model
 from cfgd.train import fit, init_ray
 

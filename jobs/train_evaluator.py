@@ -16,6 +16,6 @@ if __name__ == "__main__":
     cfg = parse(__doc__, schema=EvaluatorConfig, check=validate_evaluator_config)
     try:
         evaluator, where = train_evaluator(cfg)
-    except (ValueError, FileExistsError) as err:
+    except ValueError as err:
         fail(err)
     print(f"test accuracy: {evaluator.test_accuracy:.4f}\nevaluator: {where}")

@@ -170,7 +170,7 @@ def test_evaluator_round_trip_through_s3(s3, digits, evaluator):
     x = torch.rand(3, 1, 8, 8) * 2 - 1
     assert np.array_equal(loaded.embed(x).probs, evaluator.embed(x).probs)
     assert loaded.sha256 == evaluator.sha256
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="refusing to overwrite"):
         write_evaluator(uri, evaluator.net, evaluator.meta, s3.storage_options())
 
 

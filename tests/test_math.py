@@ -9,7 +9,8 @@ import torch
 from cfgd.diffusion import drop_labels, make_schedule, q_sample, training_loss
 from pydantic import ValidationError
 
-from cfgd.guidance import GuidedDenoiser, combine, null_label
+from cfgd.guidance import GuidedDenoiser, combine
+from cfgd.spec import null_label
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample
 

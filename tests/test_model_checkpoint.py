@@ -12,7 +12,8 @@ from cfgd.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, 
 from cfgd.config import Config, to_dict
 from cfgd.diffusion import make_schedule, q_sample
 from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of, make_grid, to_uint8
-from cfgd.guidance import GuidedDenoiser, null_label
+from cfgd.guidance import GuidedDenoiser
+from cfgd.spec import null_label
 from cfgd.model import MODEL_SIZES, ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
@@ -139,7 +140,7 @@ def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(tmp_path, tiny):
     path = _save(tmp_path, tiny)
     gen = Generator.load(path)
     assert gen.checkpoint.step == 7 and gen.checkpoint.label_names[3] == "3"
-    assert gen.checkpoint.meta["config"]["diffusion"]["schedule"] == "cosine"
+    assert gen.checkpoint.schedule_name == "cosine" and gen.checkpoint.null_label == 10
     labels, seeds = [1, 2, 3], [5, 6, 7]
     a = gen.sample(labels, seeds, _plan([0.0, 1.0, 3.0]))
     # On CPU, load() runs the network channels-last in calls of at most 32 rows.

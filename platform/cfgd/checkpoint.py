@@ -1,25 +1,21 @@
-"""Self-describing checkpoints: safe weights, verified on load, committed atomically.
+"""Model checkpoints: self-describing (:mod:`cfgd.artifact`), safe weights, verified on load.
 
 A checkpoint is a directory::
 
     model.safetensors   raw weights          (safetensors: no pickle)
     ema.safetensors     EMA weights          (what sampling uses by default)
     optimizer.pt        optimizer state      (read with torch.load(weights_only=True))
-    meta.json           format version, step, epoch, model spec, label names,
+    meta.json           kind, format version, step, epoch, model spec, label names,
                         resolved config, and the size + sha256 of every file above
 
-``meta.json`` is written last: a directory without it, or whose files do not
-match their recorded size and hash (a truncated or corrupted upload), is refused.
-Loading rebuilds the model from the checkpoint alone.
+A directory without meta.json, or whose files do not match it, is refused. Callers
+read what a checkpoint says through :class:`Checkpoint` (spec, timesteps, schedule(),
+label names, null label), never through the raw meta dict.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,55 +23,110 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from cfgd import storage
-from cfgd.model import ModelSpec, UNet, build_model
+from cfgd import artifact, storage
+from cfgd.artifact import META, ArtifactError as CheckpointError
+from cfgd.diffusion import Schedule, make_schedule
+from cfgd.model import UNet, build_model
+from cfgd.spec import MAX_TIMESTEPS, SCHEDULES, ModelSpec
 
-FORMAT_VERSION = 1
-META = "meta.json"
+KIND = "cfgd-model"
 WEIGHTS = ("model.safetensors", "ema.safetensors")
 OPTIMIZER = "optimizer.pt"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or of an unknown format."""
-
-
 @dataclass
 class Checkpoint:
-    """What a loaded checkpoint holds. Weights are CPU tensors."""
+    """A verified checkpoint. Weights are CPU tensors (None when only the meta was read)."""
 
     path: str
     meta: dict[str, Any]
-    model_state: dict[str, torch.Tensor]
-    ema_state: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any] | None
+    model_state: dict[str, torch.Tensor] | None = None
+    ema_state: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        # Bound everything a caller may build from before anything is built.
+        self.spec  # noqa: B018 (raises on an unusable spec)
+        self.schedule_name, self.timesteps  # noqa: B018
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec(**self.meta["model"])
+        try:
+            return ModelSpec.from_dict(self.meta.get("model"))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {self.path} is refused: {err}") from None
 
     @property
     def step(self) -> int:
         return int(self.meta["step"])
 
     @property
+    def epoch(self) -> int:
+        return int(self.meta.get("epoch", 0))
+
+    @property
     def label_names(self) -> list[str]:
-        return list(self.meta["label_names"])
+        return [str(n) for n in self.meta["label_names"]]
+
+    @property
+    def null_label(self) -> int:
+        return self.spec.null_label
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model makes."""
+        s = self.spec
+        return (s.in_channels, s.image_size, s.image_size)
+
+    @property
+    def _diffusion(self) -> dict:
+        return self.meta.get("config", {}).get("diffusion", {})
+
+    @property
+    def timesteps(self) -> int:
+        T = self._diffusion.get("timesteps")
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_TIMESTEPS:
+            raise CheckpointError(f"checkpoint {self.path} is refused: diffusion timesteps={T!r}, "
+                                  f"expected an int in [1, {MAX_TIMESTEPS}]")
+        return T
+
+    @property
+    def schedule_name(self) -> str:
+        name = self._diffusion.get("schedule")
+        if name not in SCHEDULES:
+            raise CheckpointError(f"checkpoint {self.path} is refused: noise schedule {name!r}, "
+                                  f"expected one of {list(SCHEDULES)}")
+        return name
+
+    def schedule(self) -> Schedule:
+        """The noise schedule the model was trained with."""
+        return make_schedule(self.schedule_name, self.timesteps)
+
+    def weights_sha256(self, ema: bool = True) -> str:
+        """The digest of the EMA (default) or raw weights file: what identifies the model."""
+        return self.meta["files"][WEIGHTS[1] if ema else WEIGHTS[0]]["sha256"]
+
+    @property
+    def data_root(self) -> str:
+        """Where the training data was read (the config's data.root), or ""."""
+        return str(self.meta.get("config", {}).get("data", {}).get("root", ""))
 
     def build(self, ema: bool = True) -> UNet:
-        """The network with EMA (default) or raw weights, in eval mode, on the CPU."""
+        """The network with EMA (default) or raw weights, in eval mode, on the CPU.
+
+        Raises CheckpointError naming the checkpoint when the weights do not fit the spec.
+        """
+        state = self.ema_state if ema else self.model_state
+        if state is None:
+            raise CheckpointError(f"checkpoint {self.path} was read without its weights")
         model = build_model(self.spec)
-        model.load_state_dict(self.ema_state if ema else self.model_state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+            first = str(err).strip().splitlines()
+            raise CheckpointError(f"checkpoint {self.path} does not fit its model spec: "
+                                  f"{' '.join(first[:3])[:400]}") from None
         return model.eval()
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,79 +136,49 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_checkpoint(directory: str | Path, *, model_state: dict, ema_state: dict, optimizer_state: dict | None,
                      spec: ModelSpec, label_names: list[str], step: int, epoch: int,
                      config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint into ``directory`` (created; must not already hold one).
+    """Write a checkpoint into ``directory`` (created; must not already hold one), atomically.
 
-    The files go into a temporary sibling first and the directory is renamed into
-    place at the end, so a crash mid-write never leaves a checkpoint that looks
-    complete. Returns the final path.
+    Returns the final path.
     """
-    final = Path(directory)
-    if (final / META).exists():
-        raise CheckpointError(f"refusing to overwrite the checkpoint at {final}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    def stage(tmp: Path) -> list[str]:
         save_file(_contiguous(model_state), tmp / WEIGHTS[0])
         save_file(_contiguous(ema_state), tmp / WEIGHTS[1])
-        files = list(WEIGHTS)
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER)
-            files.append(OPTIMIZER)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "epoch": int(epoch),
-            "model": spec.to_dict(),
-            "label_names": list(label_names),
-            "config": config,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files},
-            **(extra or {}),
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)  # an incomplete leftover (no meta.json, checked above)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        if optimizer_state is None:
+            return list(WEIGHTS)
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+        return [*WEIGHTS, OPTIMIZER]
+
+    fields = {"step": int(step), "epoch": int(epoch), "model": spec.to_dict(), "label_names": list(label_names),
+              "config": config, **(extra or {})}
+    return Path(artifact.write(str(directory), KIND, stage, fields))
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
+# Checkpoints written before artifacts had a kind are model checkpoints.
+_LEGACY = True
+
+
+def read_meta(directory: str | Path, required: tuple[str, ...] = WEIGHTS) -> dict[str, Any]:
     """meta.json of a checkpoint, after checking that every file matches it."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {d}")
-    if not (d / META).is_file():
-        raise CheckpointError(f"{d} is not a complete checkpoint: {META} is missing (interrupted write?)")
-    try:
-        meta = json.loads((d / META).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{d / META} is corrupted: {err}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{d} has checkpoint format {meta.get('format_version')!r}; "
-                              f"this version of cfgd reads format {FORMAT_VERSION}")
-    for name, rec in meta["files"].items():
-        f = d / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {d} is incomplete: {name} is missing")
-        if f.stat().st_size != rec["bytes"]:
-            raise CheckpointError(f"checkpoint {d} is corrupted: {name} has {f.stat().st_size} bytes, "
-                                  f"expected {rec['bytes']} (truncated?)")
-        if sha256_file(f) != rec["sha256"]:
-            raise CheckpointError(f"checkpoint {d} is corrupted: {name} does not match its sha256")
-    return meta
+    return artifact.verify(directory, KIND, required, legacy_kind=_LEGACY)
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """A verified checkpoint's metadata, without loading its weights."""
+    return Checkpoint(path=str(directory), meta=read_meta(directory))
 
 
 def load_checkpoint(directory: str | Path, with_optimizer: bool = False) -> Checkpoint:
     """Load and verify a checkpoint directory. Nothing is unpickled."""
     d = Path(directory)
-    meta = read_meta(d)
+    meta = read_meta(d)  # verifies every listed file, the optimizer state too
     opt = None
     if with_optimizer and OPTIMIZER in meta["files"]:
         opt = torch.load(d / OPTIMIZER, map_location="cpu", weights_only=True)
-    return Checkpoint(path=str(d), meta=meta, model_state=load_file(d / WEIGHTS[0]),
-                      ema_state=load_file(d / WEIGHTS[1]), optimizer_state=opt)
+    try:
+        model_state, ema_state = load_file(d / WEIGHTS[0]), load_file(d / WEIGHTS[1])
+    except Exception as err:  # noqa: BLE001 (verified bytes that safetensors still refuses)
+        raise CheckpointError(f"checkpoint {d} has unreadable weights: {err}") from None
+    return Checkpoint(path=str(d), meta=meta, model_state=model_state, ema_state=ema_state, optimizer_state=opt)
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -188,8 +209,9 @@ def fetch_checkpoint(uri: str, opts: "storage.StorageOptions | None" = None) -> 
     """A local, verified checkpoint directory for a checkpoint or run directory anywhere.
 
     Local paths go through :func:`resolve_checkpoint`. For ``s3://`` URIs the newest
-    checkpoint under ``uri`` (by the step in its meta.json) is downloaded into a local
-    cache and verified; one that fails verification is skipped for the next newest.
+    checkpoint under ``uri`` (by the step in its meta.json) is fetched through the
+    private, digest-keyed cache (:func:`cfgd.artifact.fetch`); one that fails
+    verification is skipped for the next newest.
     """
     if not storage.is_remote(uri):
         return resolve_checkpoint(uri)
@@ -197,25 +219,17 @@ def fetch_checkpoint(uri: str, opts: "storage.StorageOptions | None" = None) -> 
     fs = storage.fsspec_fs(uri, opts)
     base = storage.strip_scheme(uri).rstrip("/")
     metas = [p for p in storage.with_retries(lambda: fs.find(base), what=uri) if p.endswith("/" + META)]
-    steps = []
+    candidates = []
     for p in metas:
+        raw = storage.read_bytes("s3://" + p, opts)
         try:
-            steps.append((int(json.loads(storage.read_bytes("s3://" + p, opts))["step"]), p))
-        except (ValueError, KeyError):
+            candidates.append((int(json.loads(raw)["step"]), p, raw))
+        except (ValueError, KeyError, TypeError):
             continue  # unreadable meta.json: not a candidate
-    cache_root = Path(tempfile.gettempdir()) / "cfgd-checkpoints"
-    for _, p in sorted(steps, reverse=True):
-        remote_dir = "s3://" + p[: -len(META) - 1]
-        local = cache_root / hashlib.sha256(remote_dir.encode()).hexdigest()[:24]
+    for _, p, raw in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
         try:
-            read_meta(local)  # already cached and intact
-            return local
+            return artifact.fetch("s3://" + p[: -len(META) - 1], KIND, WEIGHTS, opts, meta_bytes=raw,
+                                  legacy_kind=_LEGACY)
         except CheckpointError:
-            shutil.rmtree(local, ignore_errors=True)
-        storage.download_dir(remote_dir, str(local), opts)
-        try:
-            read_meta(local)
-            return local
-        except CheckpointError:
-            shutil.rmtree(local, ignore_errors=True)
+            continue
     raise CheckpointError(f"no complete checkpoint found at or under {uri}")

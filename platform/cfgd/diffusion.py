@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from cfgd.spec import SCHEDULES
 
-SCHEDULES = ("linear", "cosine")
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def linear_betas(T: int) -> np.ndarray:

@@ -28,12 +28,7 @@ user-supplied TorchScript weights file; it is not exercised by the tests.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +42,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cfgd import storage
-from cfgd.checkpoint import sha256_file
+from cfgd import artifact, storage
 from cfgd.config import ConfigError, masked
 from cfgd.data import DatasetMeta, decode_batch, read_meta
 from cfgd.storage import StorageOptions
 
 KIND = "cfgd-evaluator"
-FORMAT_VERSION = 1
-META = "meta.json"
 WEIGHTS = "model.safetensors"
 
 
@@ -191,8 +183,8 @@ class Evaluator:
     @classmethod
     def load(cls, uri: str | Path, storage_options: StorageOptions | None = None) -> "Evaluator":
         """An evaluator checkpoint directory, local or ``s3://`` (downloaded to a cache and verified)."""
-        local = fetch_evaluator(str(uri), storage_options)
-        meta = read_evaluator_meta(local)
+        local = artifact.fetch(str(uri), KIND, [WEIGHTS], storage_options)
+        meta = artifact.verify(local, KIND, [WEIGHTS])
         a = meta["arch"]
         net = EvalNet(a["in_channels"], a["num_classes"], a["widths"], a["feature_dim"])
         net.load_state_dict(load_file(local / WEIGHTS))
@@ -421,70 +413,13 @@ def load_split(root: str, split: str, storage_options: StorageOptions | None = N
 
 def write_evaluator(out: str, net: EvalNet, meta: dict[str, Any], storage_options: StorageOptions | None = None,
                     overwrite: bool = False) -> str:
-    """Write weights + meta.json (sha256 added) to ``out``, local or ``s3://``; meta.json last.
+    """Write weights + meta.json to ``out``, local or ``s3://``, atomically (cfgd.artifact)."""
+    def stage(tmp: Path) -> list[str]:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, tmp / WEIGHTS)
+        return [WEIGHTS]
 
-    Locally the files go to a temporary sibling renamed into place; on S3 meta.json is
-    uploaded after the weights, so a reader never sees meta.json without its weights.
-    """
-    fs = storage.fsspec_fs(out, storage_options)
-    target = storage.arrow_path(out)
-    if fs.exists(f"{target}/{META}") and not overwrite:
-        raise FileExistsError(f"an evaluator already exists at {out}; pass overwrite=true to replace it")
-    with tempfile.TemporaryDirectory(prefix="cfgd-evaluator-") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, f"{tmp}/{WEIGHTS}")
-        w = Path(tmp) / WEIGHTS
-        full = {**meta, "kind": KIND, "format_version": FORMAT_VERSION,
-                "files": {WEIGHTS: {"bytes": w.stat().st_size, "sha256": sha256_file(w)}}}
-        meta_bytes = json.dumps(full, indent=2, sort_keys=True).encode()
-        if storage.is_remote(out):
-            storage.upload_dir(tmp, out, storage_options)
-            storage.write_bytes_atomic(f"{out.rstrip('/')}/{META}", meta_bytes, storage_options)
-            return out
-        (Path(tmp) / META).write_bytes(meta_bytes)
-        final = Path(target)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        shutil.copytree(tmp, staged, dirs_exist_ok=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)
-    return str(final)
-
-
-def read_evaluator_meta(directory: Path) -> dict[str, Any]:
-    """meta.json of a local evaluator directory, after checking the weights against it."""
-    d = Path(directory)
-    if not (d / META).is_file():
-        raise ValueError(f"{d} is not an evaluator checkpoint: {META} is missing "
-                         f"(train one with jobs/train_evaluator.py)")
-    meta = json.loads((d / META).read_text())
-    if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d} holds {meta.get('kind')!r} format {meta.get('format_version')!r}; "
-                         f"expected {KIND!r} format {FORMAT_VERSION}")
-    for name, rec in meta["files"].items():
-        f = d / name
-        if not f.is_file() or f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
-            raise ValueError(f"evaluator {d} is corrupted or incomplete: {name} does not match meta.json")
-    return meta
-
-
-def fetch_evaluator(uri: str, storage_options: StorageOptions | None = None) -> Path:
-    """A verified local directory for an evaluator checkpoint at ``uri`` (path or ``s3://``)."""
-    if not storage.is_remote(uri):
-        read_evaluator_meta(Path(uri))
-        return Path(uri)
-    remote_meta = json.loads(storage.read_bytes(f"{uri.rstrip('/')}/{META}", storage_options))
-    digest = remote_meta.get("files", {}).get(WEIGHTS, {}).get("sha256", "")
-    local = Path(tempfile.gettempdir()) / "cfgd-evaluators" / hashlib.sha256(
-        f"{uri}|{digest}".encode()).hexdigest()[:24]
-    try:
-        read_evaluator_meta(local)
-        return local
-    except ValueError:
-        shutil.rmtree(local, ignore_errors=True)
-    storage.download_dir(uri, str(local), storage_options)
-    read_evaluator_meta(local)
-    return local
+    fields = {k: v for k, v in meta.items() if k not in ("kind", "format_version", "files")}
+    return artifact.write(out, KIND, stage, fields, storage_options, overwrite)
 
 
 # ------------------------------------------------------------------------ training

@@ -16,8 +16,7 @@ from PIL import Image
 
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
-from cfgd.diffusion import EpsFn, make_schedule
-from cfgd.guidance import null_label
+from cfgd.diffusion import EpsFn
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
 from cfgd.storage import StorageOptions, is_remote
@@ -111,24 +110,19 @@ class Generator:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        s = self.checkpoint.spec
-        return (s.in_channels, s.image_size, s.image_size)
-
-    @property
-    def diffusion(self) -> dict:
-        return self.checkpoint.meta["config"]["diffusion"]
+        return self.checkpoint.shape
 
     @property
     def timesteps(self) -> int:
-        return int(self.diffusion["timesteps"])
+        return self.checkpoint.timesteps
 
     def schedule(self):
-        return make_schedule(self.diffusion["schedule"], self.timesteps)
+        return self.checkpoint.schedule()
 
     def check_guide(self, guide: "Generator", name: str) -> None:
         """Autoguidance needs a guiding network that denoises the same problem."""
-        mine = (self.timesteps, self.diffusion["schedule"], self.shape, self.num_classes)
-        theirs = (guide.timesteps, guide.diffusion["schedule"], guide.shape, guide.num_classes)
+        mine = (self.timesteps, self.checkpoint.schedule_name, self.shape, self.num_classes)
+        theirs = (guide.timesteps, guide.checkpoint.schedule_name, guide.shape, guide.num_classes)
         if mine != theirs:
             raise ValueError(f"guide {name!r} does not match the checkpoint: (T, schedule, image shape, classes) "
                              f"{theirs} vs {mine}")
@@ -169,7 +163,7 @@ class Generator:
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
             outs.append(sample(eps_fn, schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
-                               plan.select(lo, hi), null_label=null_label(self.num_classes), guides=guide_fns,
+                               plan.select(lo, hi), null_label=self.checkpoint.null_label, guides=guide_fns,
                                device=self.device, progress=progress).cpu())
         return torch.cat(outs)
 

@@ -27,15 +27,6 @@ from cfgd.plan import RULES, WEIGHT_SCHEDULES, Guidance, SamplingPlan
 CFG, CFGPP, APG, ZERO, AUTO = (RULES.index(r) for r in ("cfg", "cfg++", "apg", "cfg_zero_star", "autoguidance"))
 
 
-def null_label(num_classes: int) -> int:
-    """Index of the learned null condition ∅: the extra embedding row after the classes.
-
-    The only place that decides it; the model sizes its table from it and
-    condition dropout and guidance use it.
-    """
-    return num_classes
-
-
 def combine(eps_c: torch.Tensor, eps_u: torch.Tensor, w: torch.Tensor, rescale: float = 0.0) -> torch.Tensor:
     """CFG: ε̂ = (1 + w)·ε_c − w·ε_u, optionally with guidance rescale φ (Lin et al. 2023).
 
@@ -187,7 +178,7 @@ class GuidedDenoiser:
             eps_c = torch.zeros_like(x).index_copy_(0, cond, self.eps_fn(x[cond], tt[cond], labels[cond]))
             return eps_c, None, eps_g, w_t, guided
         if self.null is None:
-            raise ValueError("guidance needs the null label (cfgd.guidance.null_label(num_classes))")
+            raise ValueError("guidance needs the null label (cfgd.spec.null_label(num_classes))")
         null = torch.full((n_u,), self.null, dtype=labels.dtype, device=labels.device)
         if n_c == B and n_u == B:
             # The common case: both halves for every row in one forward of 2B rows.

@@ -1,4 +1,4 @@
-"""The UNet denoiser ε_θ(x_t, t, y) and its size registry.
+"""The UNet denoiser ε_θ(x_t, t, y), built from a cfgd.spec.ModelSpec.
 
 Residual blocks with group norm, a sinusoidal timestep embedding, a class table of
 ``num_classes + 1`` rows (the last is the learned null condition ∅) added to the
@@ -9,48 +9,12 @@ nothing of diffusion: it maps (x_t, t, y) to a tensor shaped like x_t.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfgd.guidance import null_label
-
-
-@dataclass(frozen=True)
-class UNetSize:
-    channels: int  # width at the top resolution
-    mults: tuple[int, ...]  # width multipliers per resolution level
-    res_blocks: int  # residual blocks per level
-    attn_levels: tuple[int, ...]  # levels (0 = top) with self-attention; -1 = the lowest
-    groups: int = 8  # group-norm groups
-    heads: int = 1
-    dropout: float = 0.0
-
-
-# Named sizes. tiny: unit tests; small: the 2-core CPU demo; base/large: GPU clusters.
-MODEL_SIZES: dict[str, UNetSize] = {
-    "tiny": UNetSize(channels=16, mults=(1, 2), res_blocks=1, attn_levels=(-1,), groups=4),
-    "small": UNetSize(channels=32, mults=(1, 2, 2), res_blocks=1, attn_levels=(-1,)),
-    "base": UNetSize(channels=64, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
-                     heads=4, dropout=0.1),
-    "large": UNetSize(channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
-                      heads=4, dropout=0.1),
-}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the network; saved in every checkpoint."""
-
-    size: str
-    image_size: int
-    in_channels: int
-    num_classes: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from cfgd.spec import MODEL_SIZES, ModelSpec
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -106,7 +70,7 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """ε_θ(x_t, t, y): (B, C, H, W), (B,), (B,) int64 in [0, num_classes] → (B, C, H, W).
 
-    ``y == num_classes`` is the null condition (cfgd.guidance.null_label).
+    ``y == num_classes`` is the null condition (ModelSpec.null_label).
     """
 
     def __init__(self, spec: ModelSpec):
@@ -120,7 +84,7 @@ class UNet(nn.Module):
         attn = {lvl % levels for lvl in size.attn_levels}
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # One extra row: the learned null embedding ∅ used by condition dropout and guidance.
-        self.class_emb = nn.Embedding(null_label(spec.num_classes) + 1, emb_dim)
+        self.class_emb = nn.Embedding(spec.null_label + 1, emb_dim)
         self.inp = nn.Conv2d(spec.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from cfgd import storage
-from cfgd.checkpoint import fetch_checkpoint, read_meta as read_checkpoint_meta
+from cfgd.checkpoint import fetch_checkpoint, read_checkpoint
 from cfgd.config import ConfigError, masked
 from cfgd.data import decode_png, encode_png
 from cfgd.evaluate import Evaluator, RealSplit, compute_metrics, load_split
@@ -154,20 +154,12 @@ class CheckpointInfo:
 
 
 def _checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
-    from cfgd.diffusion import make_schedule
-
     local = fetch_checkpoint(uri, opts)
-    meta = read_checkpoint_meta(local)
-    m = meta["model"]
-    weights = "ema.safetensors" if use_ema else "model.safetensors"
+    ck = read_checkpoint(local)
     # Local: pin the resolved checkpoint so a newer one arriving mid-sweep is not mixed in.
-    return CheckpointInfo(uri=uri if storage.is_remote(uri) else str(local), sha256=meta["files"][weights]["sha256"],
-                          step=int(meta["step"]), num_classes=int(m["num_classes"]),
-                          shape=(int(m["in_channels"]), int(m["image_size"]), int(m["image_size"])),
-                          timesteps=int(meta["config"]["diffusion"]["timesteps"]),
-                          alphas_cumprod=make_schedule(meta["config"]["diffusion"]["schedule"],
-                                                       int(meta["config"]["diffusion"]["timesteps"])).alphas_cumprod,
-                          data_root=str(meta["config"].get("data", {}).get("root", "")))
+    return CheckpointInfo(uri=uri if storage.is_remote(uri) else str(local), sha256=ck.weights_sha256(use_ema),
+                          step=ck.step, num_classes=ck.spec.num_classes, shape=ck.shape, timesteps=ck.timesteps,
+                          alphas_cumprod=ck.schedule().alphas_cumprod, data_root=ck.data_root)
 
 
 @dataclass

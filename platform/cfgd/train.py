@@ -28,8 +28,8 @@ from cfgd import resume as resumelib
 from cfgd import storage
 from cfgd.checkpoint import Checkpoint, write_checkpoint
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
-from cfgd.guidance import null_label
-from cfgd.model import ModelSpec, build_model, count_params
+from cfgd.model import build_model, count_params
+from cfgd.spec import ModelSpec
 
 
 class EMA:
@@ -120,7 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if tc.compile:
         net = torch.compile(net)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    null = null_label(spec.num_classes)
+    null = spec.null_label
     # Per-rank stream, offset by the step so a resumed run does not replay the same noise.
     gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + rank * 7919 + step)
     shard = ray.train.get_dataset_shard("train")

@@ -1,0 +1,89 @@
+"""What a model is, without torch: its size registry, its spec, the null label, the noise schedules.
+
+Config validation, checkpoint metadata and request checks need these names and bounds
+before any network exists; keeping them here (no torch import) lets ``cfgd.config``
+load and check a job's configuration without pulling in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+SCHEDULES = ("linear", "cosine")  # cfgd.diffusion.make_schedule builds them
+
+# Bounds on a spec read from a checkpoint, checked before anything is allocated: a
+# meta.json claiming num_classes=10**9 must be refused, not run out of memory.
+MAX_IMAGE_SIZE = 1024
+MAX_CHANNELS = 4
+MAX_CLASSES = 100_000
+MAX_TIMESTEPS = 100_000
+
+
+@dataclass(frozen=True)
+class UNetSize:
+    channels: int  # width at the top resolution
+    mults: tuple[int, ...]  # width multipliers per resolution level
+    res_blocks: int  # residual blocks per level
+    attn_levels: tuple[int, ...]  # levels (0 = top) with self-attention; -1 = the lowest
+    groups: int = 8  # group-norm groups
+    heads: int = 1
+    dropout: float = 0.0
+
+
+# Named sizes. tiny: unit tests; small: the 2-core CPU demo; base/large: GPU clusters.
+MODEL_SIZES: dict[str, UNetSize] = {
+    "tiny": UNetSize(channels=16, mults=(1, 2), res_blocks=1, attn_levels=(-1,), groups=4),
+    "small": UNetSize(channels=32, mults=(1, 2, 2), res_blocks=1, attn_levels=(-1,)),
+    "base": UNetSize(channels=64, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
+                     heads=4, dropout=0.1),
+    "large": UNetSize(channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
+                      heads=4, dropout=0.1),
+}
+
+
+def null_label(num_classes: int) -> int:
+    """Index of the learned null condition ∅: the extra embedding row after the classes.
+
+    The only place that decides it: the network sizes its class table from it, and
+    condition dropout and guidance use it.
+    """
+    return num_classes
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network; saved in every checkpoint."""
+
+    size: str
+    image_size: int
+    in_channels: int
+    num_classes: int
+
+    @property
+    def null_label(self) -> int:
+        return null_label(self.num_classes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelSpec":
+        """A spec from untrusted metadata, bounded before anything is built.
+
+        Raises ValueError naming the first bad field and what is valid.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"model spec must be a mapping, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        if sorted(data) != sorted(names):
+            raise ValueError(f"model spec has keys {sorted(data)}; expected {sorted(names)}")
+        bounds = {"image_size": (4, MAX_IMAGE_SIZE), "in_channels": (1, MAX_CHANNELS),
+                  "num_classes": (1, MAX_CLASSES)}
+        if data["size"] not in MODEL_SIZES:
+            raise ValueError(f"model size {data['size']!r} is not valid; it must be one of {list(MODEL_SIZES)}")
+        for key, (lo, hi) in bounds.items():
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"model spec {key}={v!r} is not valid; it must be an int in [{lo}, {hi}]")
+        return cls(**data)
