@@ -17,9 +17,10 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
+from cfgd.checks import Rule, check, one_of
+from cfgd.spec import MAX_TIMESTEPS, MODEL_SIZES, SCHEDULES
 from cfgd.storage import StorageOptions
 
-SCHEDULES = ("linear", "cosine")
 SOURCES = ("fashion_mnist", "idx", "folder", "npz")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -37,7 +38,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "small"  # a key of cfgd.model.MODEL_SIZES
+    size: str = "small"  # a key of cfgd.spec.MODEL_SIZES
 
 
 @dataclass
@@ -121,40 +122,29 @@ class ConfigError(ValueError):
     """A config file, override or value that cannot be used."""
 
 
-def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(valid)}")
-
-
 def validate(cfg: Config) -> Config:
     """Check values that types alone cannot (choices, ranges). Returns cfg."""
-    _choice("data.source", cfg.data.source, SOURCES)
-    _choice("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES)
-    _choice("train.placement_strategy", cfg.train.placement_strategy, PLACEMENTS)
-    from cfgd.model import MODEL_SIZES  # the registry owns the valid names
-
-    _choice("model.size", cfg.model.size, tuple(MODEL_SIZES))
-    checks = [
-        ("diffusion.p_uncond", 0.0 <= cfg.diffusion.p_uncond <= 1.0, "in [0, 1]"),
-        ("diffusion.timesteps", cfg.diffusion.timesteps >= 1, ">= 1"),
-        ("train.num_workers", cfg.train.num_workers >= 1, ">= 1"),
-        ("train.cpus_per_worker", cfg.train.cpus_per_worker > 0, "> 0"),
-        ("train.batch_size", cfg.train.batch_size >= cfg.train.num_workers,
-         f">= train.num_workers ({cfg.train.num_workers})"),
-        ("train.steps", cfg.train.steps >= 1, ">= 1"),
-        ("train.checkpoint_every", cfg.train.checkpoint_every >= 1, ">= 1"),
-        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1"),
-        ("train.ema_decay", 0.0 <= cfg.train.ema_decay < 1.0, "in [0, 1)"),
-        ("data.rows_per_shard", cfg.data.rows_per_shard >= 1, ">= 1"),
-        ("sample.per_cell", cfg.sample.per_cell >= 1, ">= 1"),
-        ("sample.batch_size", cfg.sample.batch_size >= 1, ">= 1"),
-    ]
-    for name, ok, valid in checks:
-        if not ok:
-            value = OmegaConf.select(OmegaConf.structured(cfg), name)
-            raise ConfigError(f"{name}={value!r} is not valid; it must be {valid}")
-    if cfg.train.keep_best_by not in ("", "loss"):
-        raise ConfigError(f"train.keep_best_by={cfg.train.keep_best_by!r} is not valid; choose '' or 'loss'")
+    d, t, tr = cfg.data, cfg.diffusion, cfg.train
+    check([
+        one_of("data.source", d.source, SOURCES),
+        one_of("diffusion.schedule", t.schedule, SCHEDULES),
+        one_of("train.placement_strategy", tr.placement_strategy, PLACEMENTS),
+        one_of("model.size", cfg.model.size, MODEL_SIZES),
+        Rule("diffusion.p_uncond", t.p_uncond, 0.0 <= t.p_uncond <= 1.0, "in [0, 1]"),
+        Rule("diffusion.timesteps", t.timesteps, 1 <= t.timesteps <= MAX_TIMESTEPS, f"in [1, {MAX_TIMESTEPS}]"),
+        Rule("train.num_workers", tr.num_workers, tr.num_workers >= 1, ">= 1"),
+        Rule("train.cpus_per_worker", tr.cpus_per_worker, tr.cpus_per_worker > 0, "> 0"),
+        Rule("train.batch_size", tr.batch_size, tr.batch_size >= tr.num_workers,
+             f">= train.num_workers ({tr.num_workers})"),
+        Rule("train.steps", tr.steps, tr.steps >= 1, ">= 1"),
+        Rule("train.checkpoint_every", tr.checkpoint_every, tr.checkpoint_every >= 1, ">= 1"),
+        Rule("train.keep_checkpoints", tr.keep_checkpoints, tr.keep_checkpoints >= 1, ">= 1"),
+        Rule("train.ema_decay", tr.ema_decay, 0.0 <= tr.ema_decay < 1.0, "in [0, 1)"),
+        one_of("train.keep_best_by", tr.keep_best_by, ("", "loss")),
+        Rule("data.rows_per_shard", d.rows_per_shard, d.rows_per_shard >= 1, ">= 1"),
+        Rule("sample.per_cell", cfg.sample.per_cell, cfg.sample.per_cell >= 1, ">= 1"),
+        Rule("sample.batch_size", cfg.sample.batch_size, cfg.sample.batch_size >= 1, ">= 1"),
+    ], ConfigError)
     return cfg
 
 

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cfgd import artifact, storage
+from cfgd.checks import Rule, check
 from cfgd.config import ConfigError, masked
 from cfgd.data import DatasetMeta, decode_batch, read_meta
 from cfgd.storage import StorageOptions
@@ -75,20 +76,18 @@ class EvaluatorConfig:
 
 
 def validate_evaluator_config(cfg: EvaluatorConfig) -> EvaluatorConfig:
-    checks = [
-        ("widths", len(cfg.widths) >= 1 and all(w >= 1 for w in cfg.widths), "a non-empty list of ints >= 1"),
-        ("feature_dim", cfg.feature_dim >= 2, ">= 2"),
-        ("epochs", cfg.epochs >= 1, ">= 1"),
-        ("max_steps", cfg.max_steps >= 0, ">= 0"),
-        ("batch_size", cfg.batch_size >= 2, ">= 2 (batch norm)"),
-        ("lr", cfg.lr > 0, "> 0"),
-        ("max_train_rows", cfg.max_train_rows >= 0, ">= 0"),
-        ("out", bool(cfg.out), "a directory path or s3:// URI"),
-        ("data_root", bool(cfg.data_root), "a directory path or s3:// URI"),
-    ]
-    for name, ok, valid in checks:
-        if not ok:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
+    check([
+        Rule("widths", cfg.widths, len(cfg.widths) >= 1 and all(w >= 1 for w in cfg.widths),
+             "a non-empty list of ints >= 1"),
+        Rule("feature_dim", cfg.feature_dim, cfg.feature_dim >= 2, ">= 2"),
+        Rule("epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
+        Rule("max_steps", cfg.max_steps, cfg.max_steps >= 0, ">= 0"),
+        Rule("batch_size", cfg.batch_size, cfg.batch_size >= 2, ">= 2 (batch norm)"),
+        Rule("lr", cfg.lr, cfg.lr > 0, "> 0"),
+        Rule("max_train_rows", cfg.max_train_rows, cfg.max_train_rows >= 0, ">= 0"),
+        Rule("out", cfg.out, bool(cfg.out), "a directory path or s3:// URI"),
+        Rule("data_root", cfg.data_root, bool(cfg.data_root), "a directory path or s3:// URI"),
+    ], ConfigError)
     return cfg
 
 

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, Stri
 
 from cfgd import storage
 from cfgd.checkpoint import CheckpointError
+from cfgd.checks import Rule, check
 from cfgd.data import encode_png
 from cfgd.generate import Generator, make_grid, to_uint8
 from cfgd.plan import RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES, Guidance, PlanError, SamplingPlan, Solver, \
@@ -162,26 +163,23 @@ class ServeSettings:
         if self.default_checkpoint not in self.checkpoints:
             raise ValueError(f"default_checkpoint {self.default_checkpoint!r} is not one of "
                              f"the configured checkpoints {sorted(self.checkpoints)}")
-        checks = [
-            ("max_models_per_replica", self.max_models_per_replica >= 1, ">= 1"),
-            ("w_min", math.isfinite(self.w_min) and self.w_min >= -1.0, "finite and >= -1"),
-            ("w_max", math.isfinite(self.w_max) and self.w_max >= self.w_min, "finite and >= w_min"),
-            ("default_w", self.w_min <= self.default_w <= self.w_max, "in [w_min, w_max]"),
-            ("max_images", self.max_images >= 1, ">= 1"),
-            ("max_steps", self.max_steps >= 1, ">= 1"),
-            ("default_steps", 1 <= self.default_steps <= self.max_steps, "in [1, max_steps]"),
-            ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
-            ("batch_wait_timeout_s", self.batch_wait_timeout_s >= 0, ">= 0"),
-            ("pad_rows", self.pad_rows >= 0, ">= 0"),
-            ("torch_threads", self.torch_threads >= 1, ">= 1"),
-            ("shard_size", self.shard_size >= 1, ">= 1"),
-            ("shard_num_cpus", self.shard_num_cpus > 0, "> 0"),
-            ("shard_max_retries", self.shard_max_retries >= 0, ">= 0"),
-            ("max_bulk_images", self.max_bulk_images >= 1, ">= 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"setting {name}={getattr(self, name)!r} is not valid; it must be {rule}")
+        check([
+            Rule("max_models_per_replica", self.max_models_per_replica, self.max_models_per_replica >= 1, ">= 1"),
+            Rule("w_min", self.w_min, math.isfinite(self.w_min) and self.w_min >= -1.0, "finite and >= -1"),
+            Rule("w_max", self.w_max, math.isfinite(self.w_max) and self.w_max >= self.w_min, "finite and >= w_min"),
+            Rule("default_w", self.default_w, self.w_min <= self.default_w <= self.w_max, "in [w_min, w_max]"),
+            Rule("max_images", self.max_images, self.max_images >= 1, ">= 1"),
+            Rule("max_steps", self.max_steps, self.max_steps >= 1, ">= 1"),
+            Rule("default_steps", self.default_steps, 1 <= self.default_steps <= self.max_steps, "in [1, max_steps]"),
+            Rule("max_batch_size", self.max_batch_size, self.max_batch_size >= 1, ">= 1"),
+            Rule("batch_wait_timeout_s", self.batch_wait_timeout_s, self.batch_wait_timeout_s >= 0, ">= 0"),
+            Rule("pad_rows", self.pad_rows, self.pad_rows >= 0, ">= 0"),
+            Rule("torch_threads", self.torch_threads, self.torch_threads >= 1, ">= 1"),
+            Rule("shard_size", self.shard_size, self.shard_size >= 1, ">= 1"),
+            Rule("shard_num_cpus", self.shard_num_cpus, self.shard_num_cpus > 0, "> 0"),
+            Rule("shard_max_retries", self.shard_max_retries, self.shard_max_retries >= 0, ">= 0"),
+            Rule("max_bulk_images", self.max_bulk_images, self.max_bulk_images >= 1, ">= 1"),
+        ], ValueError, prefix="setting ")
         if self.output_prefix:
             storage.is_remote(self.output_prefix)
         self.storage_options()  # unknown storage keys fail here

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from cfgd.checks import Rule, check
 from cfgd.config import ConfigError
 from cfgd.guidance import plan_cost
 from cfgd.plan import RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
@@ -131,20 +132,17 @@ def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
     if not cfg.evaluator:
         raise ConfigError("evaluator is required: an evaluator checkpoint (train one with jobs/train_evaluator.py)")
     ws = strength_columns(cfg.w, cfg.guidance_scale, DEFAULT_W)
-    checks = [
-        ("samples_per_w", cfg.samples_per_w >= 2, ">= 2"),
-        ("k", 1 <= cfg.k < cfg.samples_per_w, "in [1, samples_per_w)"),
-        ("is_splits", 1 <= cfg.is_splits <= cfg.samples_per_w, "in [1, samples_per_w]"),
-        ("chunk_size", cfg.chunk_size >= 1, ">= 1"),
-        ("num_workers", cfg.num_workers >= 0, ">= 0"),
-        ("cpus_per_worker", cfg.cpus_per_worker > 0, "> 0"),
-        ("grid_columns", cfg.grid_columns >= 1, ">= 1"),
-        ("grid_zoom", cfg.grid_zoom >= 1, ">= 1"),
-        ("w", bool(ws), "a non-empty list"),
-    ]
-    for name, ok, valid in checks:
-        if not ok:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; it must be {valid}")
+    check([
+        Rule("samples_per_w", cfg.samples_per_w, cfg.samples_per_w >= 2, ">= 2"),
+        Rule("k", cfg.k, 1 <= cfg.k < cfg.samples_per_w, "in [1, samples_per_w)"),
+        Rule("is_splits", cfg.is_splits, 1 <= cfg.is_splits <= cfg.samples_per_w, "in [1, samples_per_w]"),
+        Rule("chunk_size", cfg.chunk_size, cfg.chunk_size >= 1, ">= 1"),
+        Rule("num_workers", cfg.num_workers, cfg.num_workers >= 0, ">= 0"),
+        Rule("cpus_per_worker", cfg.cpus_per_worker, cfg.cpus_per_worker > 0, "> 0"),
+        Rule("grid_columns", cfg.grid_columns, cfg.grid_columns >= 1, ">= 1"),
+        Rule("grid_zoom", cfg.grid_zoom, cfg.grid_zoom >= 1, ">= 1"),
+        Rule("w", cfg.w, bool(ws), "a non-empty list"),
+    ], ConfigError)
     dims = {k: _listify(getattr(cfg, k)) for k in PLAN_KEYS if k not in ("w", "guidance_scale", "interval")}
     dims["interval"] = _intervals(cfg.interval)
     points: list[GridPoint] = []
