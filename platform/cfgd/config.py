@@ -17,10 +17,10 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
+from cfgd.sources import SOURCES
 from cfgd.storage import StorageOptions
 
 SCHEDULES = ("linear", "cosine")
-SOURCES = ("fashion_mnist", "idx", "folder", "npz")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
