@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from cfgd.config import load_config
-from cfgd.data import decode_png, read_dataset, read_meta
+from cfgd.dataset import read_dataset
+from cfgd.images import decode_png, uint8_to_model
+from cfgd.shards import read_meta
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.spec import null_label
 from cfgd.model import ModelSpec, build_model
@@ -39,8 +41,7 @@ def plain_loop(data: str, steps: int, batch: int, threads: int) -> float:
 
     meta = read_meta(data, "train")
     table = pq.read_table(meta.files[0], columns=["image", "label"]).slice(0, batch * 8)
-    x = np.stack([decode_png(b) for b in table.column("image").to_pylist()]).transpose(0, 3, 1, 2)
-    x = torch.tensor(x, dtype=torch.float32) / 127.5 - 1
+    x = uint8_to_model(np.stack([decode_png(b) for b in table.column("image").to_pylist()])).contiguous()
     y = torch.tensor(table.column("label").to_numpy())
     torch.set_num_threads(threads)
     torch.manual_seed(0)

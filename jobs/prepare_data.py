@@ -11,7 +11,7 @@ x_test, y_test). Existing shards are kept unless data.overwrite=true.
 import time
 
 from cfgd.cli import fail, parse
-from cfgd.data import prepare
+from cfgd.shards import prepare
 
 if __name__ == "__main__":
     cfg = parse(__doc__)

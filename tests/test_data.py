@@ -1,4 +1,5 @@
-"""Tests for cfgd.data: sources, Parquet shards, metadata checks and Ray loading."""
+"""Tests for the data pipeline: cfgd.sources, cfgd.shards (writer, metadata checks) and
+cfgd.dataset (decode, Ray loading), plus the PNG codec of cfgd.images."""
 
 from __future__ import annotations
 
@@ -14,22 +15,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cfgd import data
-from cfgd.data import (
-    decode_batch,
-    decode_png,
-    encode_png,
-    load_fashion_mnist,
-    load_idx,
-    load_idx_dir,
-    load_image_folder,
-    load_npz,
-    load_source,
-    read_dataset,
-    read_meta,
-    validate_labels,
-    write_shards,
-)
+from cfgd import sources
+from cfgd.dataset import decode_batch, read_dataset
+from cfgd.images import decode_png, encode_png
+from cfgd.shards import read_meta, validate_labels, write_shards
+from cfgd.sources import load_fashion_mnist, load_idx, load_idx_dir, load_image_folder, load_npz, load_source
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
@@ -173,7 +163,7 @@ def test_load_idx_bad_magic_and_size(tmp_path):
 def test_load_idx_dir_with_classes_txt(tmp_path):
     x = np.zeros((4, 2, 2), dtype=np.uint8)
     y = np.array([0, 1, 2, 1], dtype=np.uint8)
-    for split_files in data.IDX_FILES.values():
+    for split_files in sources.IDX_FILES.values():
         _write_idx(tmp_path / (split_files[0] + ".gz"), x, gz=True)
         _write_idx(tmp_path / split_files[1], y, gz=False)
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
@@ -192,7 +182,7 @@ def test_load_fashion_mnist_missing_dir_hint(tmp_path):
         load_fashion_mnist(str(tmp_path / "nope"))
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_ROOT),
+@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_ROOT),
                     reason="Fashion-MNIST not installed")
 def test_load_fashion_mnist():
     splits, names = load_fashion_mnist()

@@ -11,11 +11,12 @@ import torch
 from sklearn.datasets import load_digits
 
 from cfgd.config import ConfigError
-from cfgd.data import write_shards
+from cfgd.dataset import load_split
 from cfgd.evaluate import (EvaluatorConfig, Evaluator, RealSplit, accuracy_of, conditional_accuracy, fid,
-                           frechet_distance, inception_score, knn_radii, load_split, precision_recall,
+                           frechet_distance, inception_score, knn_radii, precision_recall,
                            train_evaluator)
 from cfgd.config import load_structured
+from cfgd.shards import write_shards
 from cfgd.storage import StorageOptions
 
 

@@ -100,7 +100,7 @@ def test_object_store_restart_during_training(s3, ray_local, digits_npz, tmp_pat
     import json
     import threading
 
-    from cfgd.data import prepare
+    from cfgd.shards import prepare
 
     opts = s3.storage_options()
     prepare("npz", str(digits_npz), f"{BUCKET}/restart-data", rows_per_shard=500, storage=opts)

@@ -22,7 +22,7 @@ import torch
 from cfgd import serving, storage
 from cfgd.checkpoint import write_checkpoint
 from cfgd.config import Config, to_dict
-from cfgd.data import decode_png
+from cfgd.images import decode_png
 from cfgd.model import ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

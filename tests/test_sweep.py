@@ -10,8 +10,8 @@ from PIL import Image
 
 from cfgd.checkpoint import write_checkpoint
 from cfgd.config import ConfigError, load_config, to_dict
-from cfgd.data import decode_png
-from cfgd.generate import Generator, to_uint8
+from cfgd.generate import Generator
+from cfgd.images import decode_png, to_uint8
 from cfgd.model import ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sweep import SweepConfig, rows_per_image, run_sweep, sweep_axes

@@ -16,12 +16,13 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
+
 from cfgd.checks import Rule, check, one_of
+from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
+from cfgd.sources import SOURCES
 from cfgd.spec import MAX_TIMESTEPS, MODEL_SIZES, SCHEDULES
 from cfgd.storage import StorageOptions
 
-SOURCES = ("fashion_mnist", "idx", "folder", "npz")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -45,7 +44,8 @@ from torch import nn
 from cfgd import artifact, storage
 from cfgd.checks import Rule, check
 from cfgd.config import ConfigError, masked
-from cfgd.data import DatasetMeta, decode_batch, read_meta
+from cfgd.dataset import load_split
+from cfgd.images import uint8_to_model
 from cfgd.storage import StorageOptions
 
 KIND = "cfgd-evaluator"
@@ -145,12 +145,6 @@ class Embedding:
 
     def take(self, idx) -> "Embedding":
         return Embedding(self.features[idx], self.probs[idx])
-
-
-def uint8_to_model(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) → float32 (N, C, H, W) in [-1, 1], the same map as the data loader."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return x * (2.0 / 255.0) - 1.0
 
 
 @dataclass
@@ -376,35 +370,6 @@ class RealSplit:
             raise ValueError(f"floor needs n <= {len(self.held_out)} held-out real images, got {n}")
         return compute_metrics(self.held_out.take(slice(0, n)), self.held_out_labels[:n], self.reference,
                                self.pr_reference(n), k, is_splits)
-
-
-# ------------------------------------------------------------------------ data
-
-
-def load_split(root: str, split: str, storage_options: StorageOptions | None = None,
-               limit: int = 0) -> tuple[torch.Tensor, np.ndarray, DatasetMeta]:
-    """All rows of ``<root>/<split>`` read in-process with pyarrow.
-
-    Returns images float32 (N, C, H, W) in [-1, 1], labels int64 (N,), and the meta.
-    ``limit`` > 0 keeps the first rows only.
-    """
-    fs = storage.fsspec_fs(root, storage_options)
-    meta = read_meta(root, split, filesystem=fs)
-    images, labels, n = [], [], 0
-    for path in meta.files:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["image", "label"])
-        if limit:
-            table = table.slice(0, limit - n)
-        batch = {"image": np.asarray(table.column("image").to_pylist(), dtype=object),
-                 "label": table.column("label").to_numpy()}
-        out = decode_batch(batch, meta.height, meta.width, meta.channels)
-        images.append(out["image"])
-        labels.append(out["label"])
-        n += len(out["label"])
-        if limit and n >= limit:
-            break
-    return torch.from_numpy(np.concatenate(images)), np.concatenate(labels), meta
 
 
 # ------------------------------------------------------------------------ checkpoint

@@ -17,6 +17,7 @@ from PIL import Image
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
 from cfgd.diffusion import EpsFn
+from cfgd.images import to_uint8
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
 from cfgd.storage import StorageOptions, is_remote
@@ -166,12 +167,6 @@ class Generator:
                                plan.select(lo, hi), null_label=self.checkpoint.null_label, guides=guide_fns,
                                device=self.device, progress=progress).cpu())
         return torch.cat(outs)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float (N, C, H, W) → uint8 (N, H, W, C)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 def make_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, gap: int = 6, per_cell: int = 1) -> Image.Image:

@@ -43,8 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, Stri
 from cfgd import storage
 from cfgd.checkpoint import CheckpointError
 from cfgd.checks import Rule, check
-from cfgd.data import encode_png
-from cfgd.generate import Generator, make_grid, to_uint8
+from cfgd.generate import Generator, make_grid
+from cfgd.images import encode_png, to_uint8
 from cfgd.plan import RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES, Guidance, PlanError, SamplingPlan, Solver, \
     from_fields, strength_columns
 from cfgd.storage import StorageError, StorageOptions

@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 from cfgd import storage
 from cfgd.checkpoint import fetch_checkpoint, read_checkpoint
 from cfgd.config import ConfigError, masked
-from cfgd.data import decode_png, encode_png
-from cfgd.evaluate import Evaluator, RealSplit, compute_metrics, load_split
-from cfgd.generate import Generator, make_grid, to_uint8
+from cfgd.dataset import load_split
+from cfgd.evaluate import Evaluator, RealSplit, compute_metrics
+from cfgd.generate import Generator, make_grid
+from cfgd.images import decode_png, encode_png, to_uint8
 from cfgd.plan import PlanError, SamplingPlan
 from cfgd.storage import StorageOptions
 from cfgd.sweep_grid import GridPoint, SweepConfig, rows_per_image, sample_rows, sweep_axes  # noqa: F401

@@ -308,14 +308,15 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cfgd import data as datalib
+    from cfgd.dataset import read_dataset
+    from cfgd.shards import read_meta, validate_labels
 
     opts = cfg.storage
     storage.check_access(cfg.data.root, opts)
     storage.check_access(cfg.train.storage_path, opts, write=True)
     data_fs = storage.fsspec_fs(cfg.data.root, opts)
-    meta = datalib.read_meta(cfg.data.root, "train", data_fs)
-    datalib.validate_labels(cfg.data.root, "train", meta, data_fs)
+    meta = read_meta(cfg.data.root, "train", data_fs)
+    validate_labels(cfg.data.root, "train", meta, data_fs)
     out = run_uri(cfg.train)
     storage.write_bytes_atomic(out + "/config.yaml", cfglib.to_yaml(cfg).encode(), opts)
     _log(f"run directory: {out}")
@@ -325,7 +326,7 @@ def fit(cfg: cfglib.Config, loop_fn=None):
 
     # Progress bars of the streaming split would interleave with the training log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = datalib.read_dataset(cfg.data.root, "train", meta, data_fs,
+    dataset = read_dataset(cfg.data.root, "train", meta, data_fs,
                                    arrow_filesystem=storage.arrow_fs(cfg.data.root, opts), seed=cfg.train.seed)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
