@@ -1,0 +1,269 @@
+"""What one sampler replica holds and does: settings, loaded checkpoints, request checks,
+batches, counters. Plain Python: the Serve deployment in serve/app.py only binds it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict
+
+import torch
+from pydantic import BaseModel
+
+from cfgd.checkpoint import CheckpointError
+from cfgd.generate import Generator
+from cfgd.plan import Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
+from cfgd.serving.batching import SampleSpec, sample_specs
+from cfgd.serving.bulk import BulkPlan, pinned, resolve_destination
+from cfgd.serving.models import ModelCache
+from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse
+from cfgd.serving.settings import ServeSettings
+from cfgd.storage import StorageError
+
+
+def _resolve_class(label: int | None, name: str | None, label_names: list[str], field_label: str,
+                   field_name: str) -> int:
+    k = len(label_names)
+    if label is not None and name is not None:
+        raise RequestError(422, field_label, f"give {field_label} or {field_name}, not both")
+    if label is None and name is None:
+        raise RequestError(422, field_label, f"give {field_label} (0..{k - 1}) or {field_name} "
+                                             f"(one of {label_names})")
+    if name is not None:
+        if name not in label_names:
+            raise RequestError(422, field_name, f"unknown {field_name} {name!r}; choose one of {label_names}")
+        return label_names.index(name)
+    if not 0 <= label < k:
+        raise RequestError(422, field_label, f"{field_label} {label} is outside [0, {k})")
+    return label
+
+
+def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None,
+                 **override) -> tuple[Solver, Guidance]:
+    """A request's plan fields → (Solver, Guidance): the request edge of cfgd.plan.
+
+    Server policy on top of the plan's own bounds: w within [w_min, w_max] and steps
+    within [1, min(max_steps, T)]. Raises RequestError naming the request's field.
+    """
+    values = {k: getattr(req, k) for k in PLAN_KEYS}
+    values.update(override)
+    values["steps"] = _check_steps(values["steps"], s, T)
+    try:
+        solver, g = from_fields(values, PLAN_KEYS, default_w=s.default_w, solver=solver)
+    except PlanError as err:
+        raise RequestError(422, err.field, str(err)) from None
+    if g.rule != "cfg++" and not s.w_min <= g.w <= s.w_max:
+        name = "guidance_scale" if values.get("guidance_scale") is not None else "w"
+        shown = values[name] if values.get(name) is not None else g.w
+        lo, hi = (s.w_min + 1, s.w_max + 1) if name == "guidance_scale" else (s.w_min, s.w_max)
+        raise RequestError(422, name, f"{name} {shown} is outside the allowed range [{lo}, {hi}]")
+    if g.interval is not None and g.interval[1] > T:
+        raise RequestError(422, "guidance_interval", f"guidance_interval {list(g.interval)} must satisfy "
+                                                     f"1 <= t_lo <= t_hi <= T={T}")
+    return solver, g
+
+
+def _check_steps(steps: int | None, s: ServeSettings, T: int) -> int:
+    steps = s.default_steps if steps is None else steps
+    limit = min(s.max_steps, T)
+    if not 1 <= steps <= limit:
+        raise RequestError(422, "steps", f"steps {steps} is outside [1, {limit}] "
+                                         f"(max_steps {s.max_steps}, checkpoint T {T})")
+    return steps
+
+
+class SamplerCore:
+    """The state of one sampler replica: settings, loaded checkpoints, counters."""
+
+    def __init__(self):
+        self.settings: ServeSettings | None = None
+        self.cache: ModelCache | None = None
+        self._lock = threading.Lock()
+        self.counters = {"batches": 0, "requests": 0, "sample_calls": 0, "images": 0, "largest_batch": 0}
+        self.config_error: str | None = None
+
+    # --- configuration
+
+    def apply(self, settings: ServeSettings) -> None:
+        """Switch to new settings; the default checkpoint is loaded before this returns,
+        so a bad URI fails the rollout instead of the requests. In-flight requests keep
+        the Generator they already hold."""
+        opts = settings.storage_options()
+        torch.set_num_threads(settings.torch_threads)
+        old = self.cache
+        if old is not None and old.opts == opts and old.pad_rows == settings.pad_rows:
+            cache = old
+            cache.resize(max(settings.max_models_per_replica, 1))
+        else:
+            cache = ModelCache(settings.max_models_per_replica, opts, settings.pad_rows)
+        cache.get(settings.checkpoints[settings.default_checkpoint])
+        with self._lock:
+            self.settings, self.cache = settings, cache
+
+    def reconfigure(self, user_config: dict | None) -> ServeSettings | None:
+        """Apply a ``user_config``; returns the new settings, or None if it was rejected.
+
+        The first one must be valid: it raises (unknown keys, bad values, a checkpoint that
+        does not load), so the replica fails to start with that message in ``serve
+        status``. A bad *later* one is rejected without touching the running settings:
+        raising there makes Serve stall the replica's requests and then answer 503, so one
+        typo in ``serve deploy`` would take the service down. The rejection is kept in
+        ``config_error`` (shown by /ready and /stats) until a good config arrives.
+        """
+        try:
+            settings = ServeSettings.from_dict(user_config)
+            self.apply(settings)
+        except Exception as err:
+            if self.settings is None:
+                raise
+            self.config_error = f"rejected user_config, still serving the previous settings: {err}"
+            return None
+        self.config_error = None
+        return settings
+
+    def _current(self) -> tuple[ServeSettings, ModelCache]:
+        with self._lock:
+            if self.settings is None:
+                raise RequestError(503, "checkpoint", "the sampler has no settings yet: deploy it with a "
+                                                      "user_config naming its checkpoints")
+            return self.settings, self.cache
+
+    def generator(self, name: str | None) -> tuple[str, Generator, ServeSettings]:
+        """(name, Generator, settings) for a requested checkpoint name (None = default)."""
+        s, cache = self._current()
+        name = s.default_checkpoint if name is None else name
+        if name not in s.checkpoints:
+            raise RequestError(404, "checkpoint", f"unknown checkpoint {name!r}; available: {sorted(s.checkpoints)}")
+        try:
+            return name, cache.get(s.checkpoints[name]), s
+        except (CheckpointError, StorageError, FileNotFoundError) as err:
+            raise RequestError(503, "checkpoint", f"checkpoint {name!r} cannot be loaded: {err}") from None
+
+    # --- /generate
+
+    def prepare(self, body: dict | GenerateRequest) -> SampleSpec:
+        req: GenerateRequest = parse(GenerateRequest, body)
+        name, gen, s = self.generator(req.checkpoint)
+        names = gen.checkpoint.label_names
+        label = _resolve_class(req.class_label, req.class_name, names, "class_label", "class_name")
+        if req.num_images > s.max_images:
+            raise RequestError(422, "num_images", f"num_images {req.num_images} is over the limit {s.max_images}")
+        if req.seed + req.num_images - 1 > MAX_SEED:
+            raise RequestError(422, "seed", f"seed + num_images - 1 must be <= {MAX_SEED}")
+        solver, guidance = _plan_fields(req, s, gen.timesteps)
+        return SampleSpec(gen=gen, checkpoint=name, label=label, class_name=names[label],
+                          seeds=[req.seed + i for i in range(req.num_images)], solver=solver, guidance=guidance,
+                          guides=self._guide(gen, guidance), format=req.format)
+
+    def _guide(self, gen: Generator, guidance: Guidance) -> dict:
+        """{name: Generator} of an autoguidance request's guide (a configured checkpoint)."""
+        if guidance.guide is None:
+            return {}
+        s, _ = self._current()
+        if guidance.guide not in s.checkpoints:
+            raise RequestError(422, "guide", f"unknown guide {guidance.guide!r}; it must be a configured checkpoint: "
+                                             f"{sorted(s.checkpoints)}")
+        _, guide, _ = self.generator(guidance.guide)
+        try:
+            gen.check_guide(guide, guidance.guide)
+        except ValueError as err:
+            raise RequestError(422, "guide", str(err)) from None
+        return {guidance.guide: guide}
+
+    def sample(self, specs: list[SampleSpec]) -> list[torch.Tensor]:
+        """One dynamic batch → images per request (counted as one batch)."""
+        images, calls = sample_specs(specs)
+        with self._lock:
+            c = self.counters
+            c["batches"] += 1
+            c["requests"] += len(specs)
+            c["sample_calls"] += calls
+            c["images"] += sum(s.n for s in specs)
+            c["largest_batch"] = max(c["largest_batch"], len(specs))
+        return images
+
+    def health_sample(self) -> None:
+        """One image, one step, on the default checkpoint: raises if that fails."""
+        s, _ = self._current()
+        _, gen, _ = self.generator(None)
+        img = gen.sample([0], [0], SamplingPlan.uniform(1, solver=Solver(steps=1)), batch_size=1)
+        if img.shape != (1, *gen.shape) or not torch.isfinite(img).all():
+            raise RuntimeError(f"health sample of {s.default_checkpoint!r} is broken: shape {tuple(img.shape)}")
+
+    # --- introspection
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.counters, "config_error": self.config_error}
+
+    def loaded(self) -> dict:
+        """Loaded checkpoints as {name: uri} (names mapped to a loaded URI)."""
+        with self._lock:
+            s, cache = self.settings, self.cache
+        if s is None:
+            return {}
+        uris = set(cache.uris())
+        return {n: u for n, u in s.checkpoints.items() if u in uris}
+
+    def describe(self) -> dict:
+        with self._lock:
+            s = self.settings
+        if s is None:
+            return {"configured": False, "loaded": {}}
+        return {"configured": True, "config_error": self.config_error, "default_checkpoint": s.default_checkpoint,
+                "checkpoints": sorted(s.checkpoints), "loaded": self.loaded(),
+                "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+
+    # --- /bulk
+
+    def plan_bulk(self, body: dict | BulkRequest) -> dict:
+        """Validate a bulk request; returns what :meth:`ServeState.submit` needs."""
+        req: BulkRequest = parse(BulkRequest, body)
+        s, _ = self._current()
+        if not s.output_prefix:
+            raise RequestError(503, "destination", "bulk generation is disabled: the server has no output_prefix")
+        destination = resolve_destination(req.destination, s.output_prefix)
+        name, gen, s = self.generator(req.checkpoint)
+        names = gen.checkpoint.label_names
+        if req.classes is not None and req.class_names is not None:
+            raise RequestError(422, "classes", "give classes or class_names, not both")
+        if req.class_names is not None:
+            bad = [n for n in req.class_names if n not in names]
+            if bad:
+                raise RequestError(422, "class_names", f"unknown class_names {bad}; choose from {names}")
+            classes = [names.index(n) for n in req.class_names]
+        else:
+            classes = list(range(len(names))) if req.classes is None else list(req.classes)
+            bad = [c for c in classes if not 0 <= c < len(names)]
+            if bad:
+                raise RequestError(422, "classes", f"classes {bad} are outside [0, {len(names)})")
+        if not classes:
+            raise RequestError(422, "classes", "classes is empty")
+        if len(set(classes)) != len(classes):
+            raise RequestError(422, "classes", f"classes {classes} has duplicates")
+        counts = [req.counts] * len(classes) if isinstance(req.counts, int) else list(req.counts)
+        if len(counts) != len(classes):
+            raise RequestError(422, "counts", f"counts has {len(counts)} values for {len(classes)} classes")
+        if any(c < 0 for c in counts) or sum(counts) == 0:
+            raise RequestError(422, "counts", "counts must be >= 0 with at least one image")
+        # One plan row per strength: w and guidance_scale are lists here.
+        columns = strength_columns(req.w, req.guidance_scale, default=[None])
+        if not columns:
+            raise RequestError(422, "w", "w is empty")
+        solver, rows = None, []
+        for strength in columns:
+            solver, g = _plan_fields(req, s, gen.timesteps, solver=solver, **strength)
+            rows.append(g)
+        guides = self._guide(gen, rows[0])
+        total = sum(counts) * len(rows)
+        if total > s.max_bulk_images:
+            raise RequestError(422, "counts", f"counts ask for {total} images; the limit is {s.max_bulk_images}")
+        if req.seed + total - 1 > MAX_SEED:
+            raise RequestError(422, "seed", f"seed + number of images - 1 must be <= {MAX_SEED}")
+        plan = BulkPlan(destination=destination, checkpoint=name, checkpoint_uri=pinned(s.checkpoints[name]),
+                        checkpoint_step=gen.checkpoint.step, label_names=names, classes=classes, counts=counts,
+                        seed=req.seed, solver=solver.model_dump(), guidance=[g.model_dump() for g in rows],
+                        guide_uris={k: pinned(s.checkpoints[k]) for k in guides},
+                        png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows)
+        return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()),
+                "task": {"num_cpus": s.shard_num_cpus, "max_retries": s.shard_max_retries,
+                         "threads": s.torch_threads}}
