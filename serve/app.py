@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from cfgd import serving
 
 logger = logging.getLogger("ray.serve")
+HEALTH_FRESH_S = 30.0  # a batch served this recently makes a health probe unnecessary
 
 api = FastAPI(
     title="cfgd guided sampling",
@@ -30,6 +32,10 @@ api = FastAPI(
     description="Class-conditional diffusion samples with classifier-free guidance. "
                 "POST /generate for images now, POST /bulk for Parquet datasets written in the background.",
 )
+
+
+# Token and body-size limit in front of every route (cfgd.serving.guard).
+api.add_middleware(serving.Guard)
 
 
 @api.exception_handler(RequestValidationError)
@@ -60,6 +66,7 @@ class Sampler:
         self.app_name = ctx.app_name
         self.core = serving.SamplerCore()
         self._state = None
+        self._health_pool = ThreadPoolExecutor(1, thread_name_prefix="health")
 
     async def reconfigure(self, user_config: dict) -> None:
         # A bad first config raises (the replica fails to start, serve status says why);
@@ -81,6 +88,8 @@ class Sampler:
         except serving.RequestError as err:
             return err.as_result()
         images = await self._batched(spec)
+        if isinstance(images, Exception):  # this request failed alone; its batch-mates did not
+            return serving.sampling_failure(images).as_result()
         return await asyncio.to_thread(serving.render, spec, images)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -102,7 +111,10 @@ class Sampler:
         return {"replica": self.replica, **self.core.describe()}
 
     async def check_health(self) -> None:
-        await asyncio.to_thread(self.core.health_sample)
+        # Its own thread: a probe never queues behind long batches in the default pool,
+        # and a replica that served a batch within the period is healthy without one.
+        await asyncio.get_running_loop().run_in_executor(self._health_pool, self.core.health_sample,
+                                                         HEALTH_FRESH_S)
         self._report()
 
     def _report(self) -> None:
@@ -131,6 +143,7 @@ class Ingress:
         self.sampler = sampler
         self.app_name = serve.get_replica_context().app_name
         self._state = None
+        logger.warning("cfgd ingress: %s", serving.startup_message(serving.configured_tokens()))
 
     def state(self):
         if self._state is None:
@@ -164,6 +177,11 @@ class Ingress:
             return JSONResponse(status_code=404, content={"detail": f"unknown bulk job {job_id!r}",
                                                           "field": "job_id"})
         return status
+
+    @api.get("/healthz")
+    async def healthz(self):
+        """Liveness, open to every caller: says nothing about the server."""
+        return {"ok": True}
 
     @api.get("/stats")
     async def stats(self):

@@ -480,3 +480,92 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, chec
         time.sleep(0.5)
     assert _running_replicas(AUTOSCALE_APP) == 1
     serve.delete(AUTOSCALE_APP)
+
+
+def test_limits_hold_for_huge_bodies_numbers_lists_and_wrong_content_types(server):
+    url = server["url"] + "/generate"
+    json_type = {"Content-Type": "application/json"}
+    big = b'{"class_label": 1, "pad": "' + b"x" * (10 << 20) + b'"}'
+    assert requests.post(url, data=big, headers=json_type, timeout=60).status_code == 413
+
+    def streamed():  # no Content-Length: the limit must hold for a chunked body too
+        for i in range(0, len(big), 1 << 20):
+            yield big[i:i + (1 << 20)]
+
+    r = requests.post(url, data=streamed(), headers=json_type, timeout=60)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    good = {"class_label": 1, "w": 1.0, "seed": 1, "steps": 2}
+    numeric = ["class_label", "num_images", "seed", "steps", "eta", "lam", "apg_beta", "apg_r", "apg_eta",
+               "rescale", "threshold", "w", "guidance_scale"]
+    for name in numeric:
+        for value in ("1e308", "-1e308", "NaN", str(2**70)):
+            body = json.dumps({**good, name: 0}).replace('"%s": 0' % name, f'"{name}": {value}')
+            r = requests.post(url, data=body, headers=json_type, timeout=60)
+            assert 400 <= r.status_code < 500, (name, value, r.status_code, r.text)
+    r = _post(server, "/bulk", {"destination": "ok", "classes": list(range(5000))})
+    assert r.status_code == 422 and "classes" in r.json()["field"]
+    r = _post(server, "/bulk", {"destination": "ok", "w": [1.0] * 500})
+    assert r.status_code == 422 and r.json()["field"] == "w"
+    r = _post(server, "/bulk", {"destination": "x" * 5000})
+    assert r.status_code == 422 and r.json()["field"] == "destination"
+    for ctype, data in (("text/plain", json.dumps(good)), ("application/x-www-form-urlencoded", "class_label=1"),
+                        ("application/json", b"\xff\xfe")):
+        r = requests.post(url, data=data, headers={"Content-Type": ctype}, timeout=60)
+        assert 400 <= r.status_code < 500, (ctype, r.status_code)
+    # A refused value (eta) next to a good request: the good one gets its images.
+    with cf.ThreadPoolExecutor(2) as pool:
+        bad, ok = pool.map(lambda b: _post(server, "/generate", b), [{**good, "eta": 1e300}, good])
+    assert bad.status_code == 422 and bad.json()["field"] == "eta" and len(_images(ok)) == 1
+    # Nothing leaks where a caller reads: checkpoint URIs stay on the server.
+    for route in ("/ready", "/stats"):
+        text = requests.get(server["url"] + route, timeout=30).text
+        assert not any(uri in text for uri in server["settings"]["checkpoints"].values()), route
+    assert requests.get(server["url"] + "/healthz", timeout=30).json() == {"ok": True}
+
+
+def test_api_token_guards_every_route_but_health(server, ray_local, checkpoints, s3, tmp_path):
+    """An app whose token file holds two tokens (a rotation in progress)."""
+    import secrets
+
+    from ray import serve
+
+    from serve.app import Ingress, Sampler
+
+    new, old = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    secret = tmp_path / "api-token"  # a mounted Secret; only its path goes through Ray
+    secret.write_text(f"{new}\n{old}\n")
+    secret.chmod(0o600)
+    env = {"runtime_env": {"env_vars": {"CFGD_API_TOKEN_FILE": str(secret)}}}
+    app = Ingress.options(ray_actor_options={"num_cpus": 0.1, **env}).bind(
+        Sampler.options(user_config=_settings(checkpoints, s3, max_batch_size=1)).bind())
+    serve.run(app, name="cfgd-auth", route_prefix="/secure")
+    base = server["url"] + "/secure"
+    body = json.dumps({"class_label": 1, "w": 1.0, "seed": 1, "steps": 2})
+    routes = [("post", "/generate", body), ("post", "/bulk", json.dumps({"destination": "auth1", "steps": 1})),
+              ("get", "/bulk/0123456789abcdef", None), ("get", "/stats", None), ("get", "/ready", None)]
+    try:
+        seen = []
+        for method, route, data in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {new}"},
+                            {"Authorization": new}):
+                r = requests.request(method, base + route, data=data, timeout=60,
+                                     headers={"Content-Type": "application/json", **headers})
+                assert r.status_code == 401 and r.json()["field"] == "authorization", (route, headers, r.text)
+                assert r.headers["www-authenticate"] == "Bearer"
+                seen.append(r.text + str(r.headers))
+            for token in (new, old):
+                r = requests.request(method, base + route, data=data, timeout=60,
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+                assert r.status_code != 401 and r.status_code < 500, (route, r.status_code, r.text)
+                seen.append(r.text + str(r.headers))
+        assert requests.get(base + "/healthz", timeout=30).status_code == 200
+        assert requests.get(base + "/openapi.json", timeout=30).status_code == 200
+        # The secret is in no response and in no log line of this Ray session.
+        assert not any(new in s or old in s for s in seen)
+        logs = Path(ray_local._private.worker._global_node.get_logs_dir_path())
+        for f in logs.rglob("*"):
+            if f.is_file():
+                text = f.read_bytes()
+                assert new.encode() not in text and old.encode() not in text, f
+    finally:
+        serve.delete("cfgd-auth")

@@ -36,6 +36,8 @@ W_RANGE = (-1.0, 100.0)
 # η = 0 is deterministic DDIM, η = 1 the DDPM posterior variance; beyond 1 the noise
 # exceeds what the step removes (σ² > 1 − ᾱ_t') and the formula stops being a sampler.
 ETA_RANGE = (0.0, 1.0)
+# A norm cap above this on an update of a [-1, 1] image is the same as none.
+APG_R_MAX = 1e6
 MAX_STEPS = 10_000  # any T a checkpoint can have; the checkpoint's own T is checked later
 
 
@@ -69,7 +71,7 @@ class Guidance(BaseModel):
     guidance_scale: Optional[float] = Field(None, exclude=True, description="= 1 + w; give it or w")
     lam: float = _field(1.0, 0.0, 1.0, description="CFG++ λ")
     apg_beta: float = _field(0.0, -1.0, lt=1.0, description="APG momentum β (the paper uses β ≤ 0)")
-    apg_r: Optional[float] = _field(None, gt=0.0, description="APG norm cap r on the update; null = no cap")
+    apg_r: Optional[float] = _field(None, hi=APG_R_MAX, gt=0.0, description="APG norm cap r on the update; null = no cap")
     apg_eta: float = _field(1.0, 0.0, 1.0, description="APG weight of the parallel component")
     schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
     interval: Optional[tuple[int, int]] = Field(None, description="[t_lo, t_hi] in 1..T: guide only there")

@@ -21,10 +21,11 @@ from cfgd.serving.batching import SampleSpec, render, sample_specs, to_http_json
 from cfgd.serving.bulk import (MANIFEST, BulkPlan, existing_shards, job_id_for, prepare_destination,
                                resolve_destination, run_shard)
 from cfgd.serving.jobs import STATE_NAMESPACE, ServeState, state_actor, state_actor_name
+from cfgd.serving.guard import Guard, configured_tokens, startup_message
 from cfgd.serving.models import ModelCache, load_generator
 from cfgd.serving.sampler import SamplerCore
-from cfgd.serving.schemas import (MAX_SEED, BulkRequest, GenerateRequest, RequestError, refused,
+from cfgd.serving.schemas import (MAX_SEED, BulkRequest, GenerateRequest, RequestError, refused, sampling_failure,
                                   validation_message)
 from cfgd.serving.settings import ServeSettings, settings_from_args
 
-__all__ = ["SampleSpec", "render", "sample_specs", "to_http_json", "MANIFEST", "BulkPlan", "existing_shards", "job_id_for", "prepare_destination", "resolve_destination", "run_shard", "STATE_NAMESPACE", "ServeState", "state_actor", "state_actor_name", "ModelCache", "load_generator", "SamplerCore", "MAX_SEED", "BulkRequest", "GenerateRequest", "RequestError", "refused", "validation_message", "ServeSettings", "settings_from_args"]
+__all__ = ["Guard", "configured_tokens", "startup_message", "sampling_failure", "SampleSpec", "render", "sample_specs", "to_http_json", "MANIFEST", "BulkPlan", "existing_shards", "job_id_for", "prepare_destination", "resolve_destination", "run_shard", "STATE_NAMESPACE", "ServeState", "state_actor", "state_actor_name", "ModelCache", "load_generator", "SamplerCore", "MAX_SEED", "BulkRequest", "GenerateRequest", "RequestError", "refused", "validation_message", "ServeSettings", "settings_from_args"]

@@ -39,26 +39,47 @@ class SampleSpec:
         return (id(self.gen), self.solver)
 
 
-def sample_specs(specs: list[SampleSpec]) -> tuple[list[torch.Tensor], int]:
-    """Images (n, C, H, W) in [-1, 1] per spec, and how many sample calls it took."""
+def _sample_group(members: list[SampleSpec]) -> list[torch.Tensor]:
+    """One ``Generator.sample`` call for requests that share a checkpoint and solver."""
+    first = members[0]
+    labels = [s.label for s in members for _ in range(s.n)]
+    seeds = [seed for s in members for seed in s.seeds]
+    plan = SamplingPlan(solver=first.solver, rows=tuple(s.guidance for s in members for _ in range(s.n)))
+    guides = {k: g for s in members for k, g in s.guides.items()}
+    # One chunk: the whole group is one forward pass per step, the point of batching.
+    images = first.gen.sample(labels, seeds, plan, guides=guides, batch_size=len(labels))
+    return list(torch.split(images, [s.n for s in members]))
+
+
+def sample_specs(specs: list[SampleSpec]) -> tuple[list[torch.Tensor | Exception], int]:
+    """Images (n, C, H, W) in [-1, 1] per spec, and how many sample calls it took.
+
+    A request that fails fails alone: when a group's call raises, its requests are
+    sampled one by one (each row depends only on its own inputs, so batch-mates get the
+    same images they would have got), and the failing ones get their exception.
+    """
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(specs):
         groups.setdefault(s.schedule_key(), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(specs)
+    out: list[torch.Tensor | Exception | None] = [None] * len(specs)
+    calls = 0
     for idxs in groups.values():
-        members = [specs[i] for i in idxs]
-        first = members[0]
-        labels = [s.label for s in members for _ in range(s.n)]
-        seeds = [seed for s in members for seed in s.seeds]
-        plan = SamplingPlan(solver=first.solver, rows=tuple(s.guidance for s in members for _ in range(s.n)))
-        guides = {k: g for s in members for k, g in s.guides.items()}
-        # One chunk: the whole group is one forward pass per step, the point of batching.
-        images = first.gen.sample(labels, seeds, plan, guides=guides, batch_size=len(labels))
-        start = 0
-        for i, s in zip(idxs, members):
-            out[i] = images[start:start + s.n]
-            start += s.n
-    return out, len(groups)
+        calls += 1
+        try:
+            for i, images in zip(idxs, _sample_group([specs[i] for i in idxs])):
+                out[i] = images
+            continue
+        except Exception as err:  # noqa: BLE001 - isolated below
+            if len(idxs) == 1:
+                out[idxs[0]] = err
+                continue
+        for i in idxs:
+            calls += 1
+            try:
+                out[i] = _sample_group([specs[i]])[0]
+            except Exception as err:  # noqa: BLE001 - this request's own failure
+                out[i] = err
+    return out, calls
 
 
 def png_bytes(image) -> bytes:

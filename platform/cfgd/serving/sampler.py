@@ -4,12 +4,12 @@ batches, counters. Plain Python: the Serve deployment in serve/app.py only binds
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict
 
 import torch
 from pydantic import BaseModel
 
-from cfgd.checkpoint import CheckpointError
 from cfgd.generate import Generator
 from cfgd.plan import Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
 from cfgd.serving.batching import SampleSpec, sample_specs
@@ -17,7 +17,6 @@ from cfgd.serving.bulk import BulkPlan, pinned, resolve_destination
 from cfgd.serving.models import ModelCache
 from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse
 from cfgd.serving.settings import ServeSettings
-from cfgd.storage import StorageError
 
 
 def _resolve_class(label: int | None, name: str | None, label_names: list[str], field_label: str,
@@ -71,6 +70,12 @@ def _check_steps(steps: int | None, s: ServeSettings, T: int) -> int:
     return steps
 
 
+def _reason(err: BaseException) -> str:
+    """A load failure, short: the exception type and its first line."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
 class SamplerCore:
     """The state of one sampler replica: settings, loaded checkpoints, counters."""
 
@@ -80,6 +85,7 @@ class SamplerCore:
         self._lock = threading.Lock()
         self.counters = {"batches": 0, "requests": 0, "sample_calls": 0, "images": 0, "largest_batch": 0}
         self.config_error: str | None = None
+        self.last_success = float("-inf")  # monotonic time of the last batch with an image
 
     # --- configuration
 
@@ -135,8 +141,8 @@ class SamplerCore:
             raise RequestError(404, "checkpoint", f"unknown checkpoint {name!r}; available: {sorted(s.checkpoints)}")
         try:
             return name, cache.get(s.checkpoints[name]), s
-        except (CheckpointError, StorageError, FileNotFoundError) as err:
-            raise RequestError(503, "checkpoint", f"checkpoint {name!r} cannot be loaded: {err}") from None
+        except Exception as err:  # noqa: BLE001 - any load failure: this checkpoint is unavailable
+            raise RequestError(503, "checkpoint", f"checkpoint {name!r} cannot be loaded: {_reason(err)}") from None
 
     # --- /generate
 
@@ -169,11 +175,14 @@ class SamplerCore:
             raise RequestError(422, "guide", str(err)) from None
         return {guidance.guide: guide}
 
-    def sample(self, specs: list[SampleSpec]) -> list[torch.Tensor]:
-        """One dynamic batch → images per request (counted as one batch)."""
+    def sample(self, specs: list[SampleSpec]) -> list[torch.Tensor | Exception]:
+        """One dynamic batch → images per request, or the exception of a request that
+        failed alone (counted as one batch)."""
         images, calls = sample_specs(specs)
         with self._lock:
             c = self.counters
+            self.last_success = time.monotonic() if any(isinstance(i, torch.Tensor) for i in images) \
+                else self.last_success
             c["batches"] += 1
             c["requests"] += len(specs)
             c["sample_calls"] += calls
@@ -181,8 +190,14 @@ class SamplerCore:
             c["largest_batch"] = max(c["largest_batch"], len(specs))
         return images
 
-    def health_sample(self) -> None:
-        """One image, one step, on the default checkpoint: raises if that fails."""
+    def health_sample(self, fresh_s: float = 0.0) -> None:
+        """One image, one step, on the default checkpoint: raises if that fails.
+
+        Skipped when a batch succeeded in the last ``fresh_s`` seconds: a replica busy
+        serving is healthy, and must not be restarted for being slow to answer a probe.
+        """
+        if fresh_s and time.monotonic() - self.last_success < fresh_s:
+            return
         s, _ = self._current()
         _, gen, _ = self.generator(None)
         img = gen.sample([0], [0], SamplingPlan.uniform(1, solver=Solver(steps=1)), batch_size=1)
@@ -195,20 +210,20 @@ class SamplerCore:
         with self._lock:
             return {**self.counters, "config_error": self.config_error}
 
-    def loaded(self) -> dict:
-        """Loaded checkpoints as {name: uri} (names mapped to a loaded URI)."""
+    def loaded(self) -> list[str]:
+        """Names of the loaded checkpoints (names only: URIs are the server's business)."""
         with self._lock:
             s, cache = self.settings, self.cache
         if s is None:
-            return {}
+            return []
         uris = set(cache.uris())
-        return {n: u for n, u in s.checkpoints.items() if u in uris}
+        return sorted(n for n, u in s.checkpoints.items() if u in uris)
 
     def describe(self) -> dict:
         with self._lock:
             s = self.settings
         if s is None:
-            return {"configured": False, "loaded": {}}
+            return {"configured": False, "loaded": []}
         return {"configured": True, "config_error": self.config_error, "default_checkpoint": s.default_checkpoint,
                 "checkpoints": sorted(s.checkpoints), "loaded": self.loaded(),
                 "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, StringConstraints, ValidationError
 
-from cfgd.plan import RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES
+from cfgd.plan import MAX_STEPS, RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES
 
 MAX_SEED = 2**63 - 1
+# Caps on what one request may carry, so no field can make the server allocate or loop
+# without bound (the settings cap images per request; these cap the request's shape).
+MAX_LIST = 1024  # classes, class_names, counts
+MAX_W_VALUES = 64  # strengths per bulk request
+MAX_NAME = 256  # class, checkpoint and guide names
+MAX_PATH = 1024  # bulk destinations
+MAX_COUNT = 10_000_000  # images per (class, w) cell; the total is capped by max_bulk_images
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME)]
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 
 
 class RequestError(Exception):
@@ -30,6 +39,15 @@ class RequestError(Exception):
         """The refusal as a return value: deployments return it instead of raising, so an
         expected 4xx costs no traceback in the replica's log."""
         return {"refused": {"status": self.status, **self.to_json()}}
+
+
+def sampling_failure(err: Exception) -> RequestError:
+    """The refusal of a request whose own sampling raised: 422 when its input caused it
+    (a value the network or solver cannot take), else 503 (try again)."""
+    text = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    if isinstance(err, (ValueError, ArithmeticError)):
+        return RequestError(422, "body", f"this request could not be sampled: {text}")
+    return RequestError(503, "body", f"sampling failed, try again: {text}")
 
 
 def refused(result: Any) -> dict | None:
@@ -56,7 +74,7 @@ class PlanFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
-    steps: Optional[StrictInt] = Field(None, ge=1, description="solver steps (default: server's default_steps)")
+    steps: Optional[StrictInt] = Field(None, ge=1, le=MAX_STEPS, description="solver steps (default: server's default_steps)")
     eta: FiniteFloat = Field(0.0, description="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
     spacing: Optional[Literal[SPACINGS]] = Field(None, description="timestep spacing (default: the solver's)")  # type: ignore
     rule: Literal[RULES] = "cfg"  # type: ignore[valid-type]
@@ -66,22 +84,22 @@ class PlanFields(BaseModel):
     apg_eta: FiniteFloat = Field(1.0, description="APG weight of the parallel component in [0, 1]")
     weight_schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
     guidance_interval: Optional[tuple[StrictInt, StrictInt]] = Field(
-        None, description="[t_lo, t_hi]: guide only at timesteps inside (1..T)")
+        None, description="[t_lo, t_hi]: guide only at timesteps inside (1..T)")  # T is checked per checkpoint
     rescale: FiniteFloat = Field(0.0, description="guidance rescale phi in [0, 1]")
     clip: StrictBool = Field(True, description="clamp x0 to [-1, 1]")
     threshold: Optional[FiniteFloat] = Field(None, description="dynamic thresholding quantile in [0.5, 1]")
-    guide: Optional[str] = Field(None, description="autoguidance: a configured checkpoint name")
+    guide: Optional[Name] = Field(None, description="autoguidance: a configured checkpoint name")
 
 
 class GenerateRequest(PlanFields):
     """POST /generate. Image i uses seed ``seed + i``; same request → same bytes."""
 
-    class_label: Optional[StrictInt] = Field(None, description="class index; or give class_name")
-    class_name: Optional[str] = Field(None, description="a label name of the checkpoint")
-    num_images: StrictInt = Field(1, ge=1)
+    class_label: Optional[StrictInt] = Field(None, ge=0, le=2**31, description="class index; or give class_name")
+    class_name: Optional[Name] = Field(None, description="a label name of the checkpoint")
+    num_images: StrictInt = Field(1, ge=1, le=MAX_LIST, description="images (the server caps it: max_images)")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     format: Literal["png_list", "grid"] = "png_list"
-    checkpoint: Optional[str] = Field(None, description="a configured checkpoint name (default: the server's)")
+    checkpoint: Optional[Name] = Field(None, description="a configured checkpoint name (default: the server's)")
     w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
     guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
 
@@ -99,15 +117,16 @@ PLAN_KEYS = {
 class BulkRequest(PlanFields):
     """POST /bulk: ``counts`` images for every (class, w), written as Parquet shards."""
 
-    destination: str = Field(..., description="a sub-path of the server's output_prefix, or a URI under it")
-    classes: Optional[list[StrictInt]] = Field(None, description="class indices (default: every class)")
-    class_names: Optional[list[str]] = Field(None, description="alternative to classes")
-    counts: Union[StrictInt, list[StrictInt]] = Field(1, description="per (class, w): one number or one per class")
-    w: Optional[list[FiniteFloat]] = None
-    guidance_scale: Optional[list[FiniteFloat]] = None
+    destination: str = Field(..., max_length=MAX_PATH, description="a sub-path of the server's output_prefix, or a URI under it")
+    classes: Optional[list[StrictInt]] = Field(None, max_length=MAX_LIST, description="class indices (default: every class)")
+    class_names: Optional[list[Name]] = Field(None, max_length=MAX_LIST, description="alternative to classes")
+    counts: Union[Count, Annotated[list[Count], Field(max_length=MAX_LIST)]] = Field(
+        1, description="per (class, w): one number or one per class")
+    w: Optional[list[FiniteFloat]] = Field(None, max_length=MAX_W_VALUES)
+    guidance_scale: Optional[list[FiniteFloat]] = Field(None, max_length=MAX_W_VALUES)
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     png_files: StrictBool = False
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[Name] = None
 
 
 def parse(model: type[BaseModel], body: dict | BaseModel) -> Any:
