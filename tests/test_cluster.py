@@ -80,7 +80,7 @@ def test_readme_cluster_commands_train_across_two_nodes(cluster, digits_shards, 
         elif line.startswith("ray job list"):
             assert submission in out
         elif line.startswith("ray job status"):
-            assert "SUCCEEDED" in out
+            assert f"Job '{submission}' succeeded" in out, out
         elif line.startswith("ray job logs"):
             assert out.count("[cfgd.train] step 4/4") == 1
     assert ran == ["export RAY_AUTH_MODE=token", "source .venv/bin/activate", "ray job submit",
