@@ -12,6 +12,11 @@ cd "$(dirname "$0")/.."
 PORT="${CFGD_RAY_PORT:-6379}"
 DASHBOARD_PORT="${CFGD_DASHBOARD_PORT:-8265}"
 RAY_DIR="${CFGD_RAY_DIR:-/tmp/cfgd-ray}"
+for port in "$PORT" "$DASHBOARD_PORT"; do
+  case "$port" in ''|*[!0-9]*) echo "CFGD_RAY_PORT and CFGD_DASHBOARD_PORT must be port numbers, got '$port'" >&2; exit 2 ;; esac
+done
+# Absolute: `down` finds this cluster's processes by it on their command lines.
+case "$RAY_DIR" in /?*) ;; *) echo "CFGD_RAY_DIR must be an absolute path, got '$RAY_DIR'" >&2; exit 2 ;; esac
 # Job entrypoints (`-- python jobs/train.py ...`) run in a shell the nodes start with
 # their own PATH: the checkout's virtualenv first, so `python` is the one with cfgd.
 export PATH="$PWD/.venv/bin:$PATH"
