@@ -9,6 +9,7 @@ substituted; the submit line gets a tiny setup appended (later overrides win).
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -56,6 +57,7 @@ def cluster():
         down = shell.run(cmds[-1], timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
         assert not _cluster_processes(ray_dir), "cluster.sh down left processes of its cluster running"
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_readme_cluster_commands_train_across_two_nodes(cluster, digits_shards, tmp_path):
