@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The package is installed in editable mode by scripts/setup.sh; this keeps a plain
 # `pytest` from a checkout working too.
 sys.path.insert(0, str(ROOT / "platform"))
-sys.path.insert(0, str(ROOT / "tests"))  # test helpers: raycluster, s3server
+sys.path.insert(0, str(ROOT / "tests"))  # test helpers: readme, s3server
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 

@@ -7,6 +7,7 @@ autoscaling test deploys a second app next to it.
 import base64
 import concurrent.futures as cf
 import json
+import os
 import socket
 import sys
 import threading
@@ -19,10 +20,12 @@ import pytest
 import requests
 import torch
 
+import readme
 from cfgd import serving, storage
 from cfgd.checkpoint import write_checkpoint
 from cfgd.config import Config, to_dict
 from cfgd.images import decode_png
+from cfgd.sources import FASHION_MNIST_CLASSES
 from cfgd.model import ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 APP = "cfgd-test"
 AUTOSCALE_APP = "cfgd-autoscale"
-LABELS = [f"digit{i}" for i in range(10)]
+LABELS = FASHION_MNIST_CLASSES  # the class names the README's curl examples use
 T = 100
 BULK_PREFIX = "s3://cfgd-test/bulk/"
 
@@ -108,11 +111,11 @@ def test_generate_returns_pngs_and_same_seed_same_bytes(server):
     imgs = _images(r)
     meta = r.json()
     assert len(imgs) == 3 and meta["seeds"] == [7, 8, 9] and meta["checkpoint"] == "a"
-    assert meta["label"] == 3 and meta["class_name"] == "digit3" and meta["guidance_scale"] == 3.0
+    assert meta["label"] == 3 and meta["class_name"] == "Dress" and meta["guidance_scale"] == 3.0
     assert all(decode_png(b).shape == (8, 8, 1) for b in imgs)
     assert _images(_post(server, "/generate", body)) == imgs
     # The same request spelled with class_name and guidance_scale is the same request.
-    same = {"class_name": "digit3", "guidance_scale": 3.0, "num_images": 3, "seed": 7, "steps": 5}
+    same = {"class_name": "Dress", "guidance_scale": 3.0, "num_images": 3, "seed": 7, "steps": 5}
     assert _images(_post(server, "/generate", same)) == imgs
     # Image i uses seed + i: the second image is the first image of seed 8.
     assert _images(_post(server, "/generate", {**body, "seed": 8, "num_images": 1}))[0] == imgs[1]
@@ -178,6 +181,37 @@ def test_grid_format_is_one_png(server):
     assert grid.shape == (2 * 8 + 6, 2 * 8 + 6, 1)  # 2x2 cells, 6 px gaps
 
 
+def test_readme_curl_examples_run_against_the_app(server, tmp_path):
+    """The README's Serving `curl` lines, run as written against this app: only the port
+    and the `<job_id>` placeholder are substituted, and `-w` reports the HTTP status."""
+    curls = [c for c in readme.commands("Serving (Ray Serve)") if c.startswith("curl ")]
+    assert len(curls) == 4, curls
+    shell = readme.Shell(dict(os.environ), cwd=tmp_path)
+    job_id = None
+    for cmd in curls:
+        line = cmd.replace("127.0.0.1:8000", server["url"].removeprefix("http://"))
+        if job_id:
+            line = line.replace("<job_id>", job_id)
+        proc = shell.run(line + " -w '%{stderr}%{http_code}'", timeout=120)
+        assert proc.returncode == 0, (line, proc.stderr)
+        status = int(proc.stderr.strip()[-3:])
+        if '"format": "grid"' in line:  # 4 Sneakers as one 2x2 PNG, written to grid.png
+            assert status == 200 and decode_png((tmp_path / "grid.png").read_bytes()).shape == (22, 22, 1)
+        elif "/generate" in line:
+            meta = json.loads(proc.stdout)
+            assert status == 200 and (meta["class_name"], meta["w"], meta["steps"]) == ("Sneaker", 3.0, 25)
+            assert meta["seeds"] == [1, 2] and len(meta["images"]) == 2
+        elif "/bulk/" in line:
+            assert status == 200 and json.loads(proc.stdout)["job_id"] == job_id
+        else:
+            job = json.loads(proc.stdout)
+            assert status == 202 and job["total_images"] == 2 * 256
+            assert job["destination"] == BULK_PREFIX + "sneakers"  # relative to the output prefix
+            job_id = job["job_id"]
+    assert job_id is not None
+    done = _wait_job(server, job_id)  # leave no work behind for the tests after this one
+    assert done["state"] == "done" and done["done_images"] == 2 * 256, done
+
 def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
     good = {"class_label": 1, "w": 1.0, "seed": 1}
     cases = [
@@ -185,7 +219,7 @@ def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
         ({"class_label": -1}, 422, "class_label"),
         ({"class_name": "cat"}, 422, "class_name"),
         ({"w": 1.0}, 422, "class_label"),  # no class at all
-        ({**good, "class_name": "digit1"}, 422, "class_label"),  # both: "give class_label or class_name"
+        ({**good, "class_name": "Trouser"}, 422, "class_label"),  # both: "give class_label or class_name"
         ({**good, "guidance_scale": 2.0}, 422, "w"),  # both: "give w or guidance_scale, not both"
         ('{"class_label": 1, "w": NaN}', 422, "w"),
         ('{"class_label": 1, "guidance_scale": Infinity}', 422, "guidance_scale"),
@@ -317,7 +351,12 @@ def test_serve_configs_are_valid(path):
         doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
     config = ServeDeploySchema.model_validate(doc)
     (app,) = config.applications
-    assert app.import_path == "serve.app:app" and app.runtime_env["working_dir"].startswith("local:///")
+    assert app.import_path == "serve.app:app"
+    if path == "serve/config.yaml":
+        # Any checkout: Ray imports serve.app from the directory `serve run` / `ray start` ran in.
+        assert "working_dir" not in app.runtime_env
+    else:
+        assert app.runtime_env["working_dir"] == "local:///app"  # the image's copy of the repository
     sampler = next(d for d in app.deployments if d.name == "Sampler")
     settings = serving.ServeSettings.from_dict(sampler.user_config)
     assert sampler.max_ongoing_requests >= settings.max_batch_size  # else batches never fill
