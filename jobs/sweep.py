@@ -29,6 +29,8 @@ if __name__ == "__main__":
         fail(err)
     cols = ["solver", "steps", "rule", "params", "w", "rows_per_image", "fid", "fid_std", "inception_score",
             "accuracy", "precision", "recall", "n_samples", "seconds", "samples_per_s"]
+    if cfg.inception_weights:
+        cols.insert(cols.index("fid_std") + 1, "fid_inception")
     print("\t".join(["kind"] + cols))
     for r in result.rows:
         print("\t".join([r["kind"]] + ["" if r.get(c) is None else f"{r[c]:.4g}" if isinstance(r[c], float)

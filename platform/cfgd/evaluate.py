@@ -22,8 +22,7 @@ Metrics (all float64 on the host):
 * Precision / recall (Kynkäänniemi et al. 2019): k-NN balls (k = 3) around each set.
 * The "floor": the same metrics for one half of the real test data against the other.
 
-``inception_fid`` is an optional path for FID in InceptionV3 pool features from a
-user-supplied TorchScript weights file; it is not exercised by the tests.
+FID in InceptionV3 features, comparable with papers, is :mod:`cfgd.fid_inception`.
 """
 
 from __future__ import annotations
@@ -460,39 +459,3 @@ def train_evaluator(cfg: EvaluatorConfig, log=print) -> tuple[Evaluator, str]:
     where = write_evaluator(cfg.out, net, meta_out, cfg.storage, overwrite=cfg.overwrite)
     log(f"[cfgd.evaluator] saved to {where}")
     return Evaluator.load(cfg.out, cfg.storage), where
-
-
-# ------------------------------------------------------------------------ InceptionV3 (optional)
-
-
-class InceptionFeatures:
-    """InceptionV3 pool features (2048-d) from a user-supplied TorchScript file (optional, untested).
-
-    Expects the TorchScript export used by clean-fid / StyleGAN3's metrics
-    (``inception-2015-12-05.pt``): called as ``model(x, return_features=True)`` on
-    float images (N, 3, H, W) in [0, 255], it resizes to 299×299 itself. Nothing is
-    downloaded: pass the path of a file you obtained. Grayscale images are repeated
-    to 3 channels.
-    """
-
-    def __init__(self, weights_path: str):
-        if not Path(weights_path).is_file():
-            raise ValueError(f"InceptionV3 weights file {weights_path!r} does not exist")
-        self.model = torch.jit.load(weights_path, map_location="cpu").eval()
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, batch_size: int = 100) -> np.ndarray:
-        """images float (N, C, H, W) in [-1, 1], C ∈ {1, 3} → (N, 2048) float64."""
-        out = []
-        for lo in range(0, len(images), batch_size):
-            x = (images[lo:lo + batch_size].clamp(-1, 1) + 1) * 127.5
-            if x.shape[1] == 1:
-                x = x.repeat(1, 3, 1, 1)
-            out.append(self.model(x, return_features=True).double())
-        return torch.cat(out).numpy()
-
-
-def inception_fid(images_a: torch.Tensor, images_b: torch.Tensor, weights_path: str) -> float:
-    """FID in InceptionV3 feature space (the number papers report); optional, not tested here."""
-    net = InceptionFeatures(weights_path)
-    return fid(net(images_a), net(images_b))

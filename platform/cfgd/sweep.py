@@ -48,6 +48,7 @@ from cfgd.checkpoint import fetch_checkpoint, read_checkpoint
 from cfgd.config import ConfigError, masked
 from cfgd.dataset import load_split
 from cfgd.evaluate import Evaluator, RealSplit, compute_metrics
+from cfgd.fid_inception import InceptionFID, sweep_fid_inception
 from cfgd.generate import Generator, make_grid
 from cfgd.images import decode_png, encode_png, to_uint8
 from cfgd.plan import PlanError, SamplingPlan
@@ -243,6 +244,8 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
     opts = cfg.storage
     infos = {uri: _checkpoint_info(uri, opts, cfg.use_ema) for uri in checkpoints}
     evaluator = Evaluator.load(cfg.evaluator, opts)
+    # Loaded (or refused) before any sampling; only an explicit key adds the column.
+    inception = InceptionFID(cfg.inception_weights) if cfg.inception_weights else None
     for uri, info in infos.items():
         if info.shape != evaluator.image_shape or info.num_classes != len(evaluator.class_names):
             raise ValueError(f"checkpoint {uri} makes {info.num_classes} classes of images {info.shape}, but "
@@ -290,7 +293,14 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
     floor = json.loads(out.read(f"points/{floor_id}.json"))
     rows.append({**{c: None for c in TABLE_COLUMNS}, **floor["metrics"], "kind": "real_floor",
                  "n_samples": floor["n_samples"], "point_id": floor_id})
-    table = pa.Table.from_pylist([{c: r.get(c) for c in TABLE_COLUMNS} for r in rows])
+    columns = TABLE_COLUMNS
+    if inception is not None:
+        fids = sweep_fid_inception(inception, out, [ids[p] for p in points], floor_id, data_root, cfg.real_split,
+                                   cfg.seed, opts, log)
+        for r in rows:
+            r["fid_inception"] = fids[r["point_id"]]
+        columns = TABLE_COLUMNS + ["fid_inception"]
+    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])
     paths = {"table_parquet": out.write("table.parquet", _parquet_bytes(table)),
              "table_csv": out.write("table.csv", _csv_bytes(table)),
              "plot": out.write("plot.png", plot_sweep(rows))}
@@ -300,6 +310,8 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
                "evaluator_sha256": evaluator.sha256, "points": {ids[p]: keys[p] for p in points},
                "computed": [ids[p] for p in missing], "skipped": [ids[p] for p in points if p in done],
                "seconds": seconds}
+    if inception is not None:
+        summary["inception_weights_sha256"] = inception.sha256
     paths["summary"] = out.write("sweep.json", json.dumps(summary, indent=2, default=str).encode())
     log(f"[cfgd.sweep] done in {seconds:.1f}s: {len(missing)} points sampled, {len(done)} skipped; "
         f"table {paths['table_csv']}, plot {paths['plot']}, grid {paths['grid']}")

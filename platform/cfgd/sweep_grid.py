@@ -56,6 +56,9 @@ class SweepConfig:
     seed: int = 0  # sample i uses seed + i at every grid point
     k: int = 3  # neighbourhood size of precision/recall
     is_splits: int = 1  # Inception Score splits
+    # InceptionV3 weights file of torch-fidelity (local path; extra "fid"): adds the paper-comparable
+    # column fid_inception; "" = no such column (see cfgd.fid_inception)
+    inception_weights: str = ""
     chunk_size: int = 100  # rows per Ray task (mixed w)
     num_workers: int = 0  # sampling actors; 0 = as many as the free CPUs allow
     cpus_per_worker: float = 1.0
