@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 from cfgd import fid_inception
-from cfgd.checkpoint import sha256_file, write_checkpoint
+from cfgd.artifact import sha256_file
+from cfgd.checkpoint import write_checkpoint
 from cfgd.config import ConfigError, load_config, to_dict
 from cfgd.shards import write_shards
 from cfgd.evaluate import Embedding, RealSplit, fid
