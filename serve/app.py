@@ -19,6 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from cfgd import serving
@@ -47,6 +49,24 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse(status_code=422, content={"detail": message, "field": field, "errors": errors})
 
 
+# Capacity and replica loss are the server's state, not the request's: 503 with Retry-After,
+# so clients and load balancers back off and retry (a replica killed mid-request, a full
+# queue: max_queued_requests) instead of seeing a 500.
+_UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError,
+                ActorUnavailableError)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    busy = isinstance(exc, BackPressureError)
+    detail = "the server is at capacity, retry shortly" if busy else "a replica went away, retry shortly"
+    return JSONResponse(status_code=503, headers={"Retry-After": "1" if busy else "2"},
+                        content={"detail": detail, "field": "body"})
+
+
+for _exc in _UNAVAILABLE:
+    api.add_exception_handler(_exc, _unavailable)
+
+
 def _refusal(result: Any) -> JSONResponse | None:
     """A refusal returned by the sampler or the state actor, as its HTTP response."""
     r = serving.refused(result)
@@ -55,7 +75,10 @@ def _refusal(result: Any) -> JSONResponse | None:
     return JSONResponse(status_code=r["status"], content={"detail": r["detail"], "field": r["field"]})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16,
+# Defaults for build_app; serve/config.yaml sets the same per deployment. A full queue
+# answers 503 (above); graceful shutdown outlasts the longest legal batch (README: limits).
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, max_queued_requests=64,
+                  graceful_shutdown_timeout_s=300,
                   health_check_period_s=10, health_check_timeout_s=30)
 class Sampler:
     """Holds the checkpoints; merges concurrent requests into batches."""

@@ -41,3 +41,17 @@ def test_runtime_env_keeps_the_upload_small():
     assert env["py_modules"] == ["platform/cfgd"]
     for excluded in (".git/", ".venv/", "outputs/"):
         assert excluded in env["excludes"]
+
+
+def test_rayservice_gives_every_pod_the_api_token_from_a_secret():
+    svc = yaml.safe_load((ROOT / "serve/rayservice.yaml").read_text())
+    cluster = svc["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            assert {"secretRef": {"name": "cfgd-api"}} in c["envFrom"], c["name"]
+    serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    assert "CFGD_API_TOKEN" not in svc["spec"]["serveConfigV2"]  # never in the printed config
+    assert serve_config["http_options"]["request_timeout_s"] > 0
+    sampler = next(d for d in serve_config["applications"][0]["deployments"] if d["name"] == "Sampler")
+    assert sampler["max_queued_requests"] > 0 and sampler["graceful_shutdown_timeout_s"] >= 120
