@@ -67,6 +67,10 @@ for _exc in _UNAVAILABLE:
     api.add_exception_handler(_exc, _unavailable)
 
 
+def _unknown_job(job_id: str) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": f"unknown bulk job {job_id[:64]!r}", "field": "job_id"})
+
+
 def _refusal(result: Any) -> JSONResponse | None:
     """A refusal returned by the sampler or the state actor, as its HTTP response."""
     r = serving.refused(result)
@@ -120,6 +124,9 @@ class Sampler:
         images = await asyncio.to_thread(self.core.sample, specs)
         self._report()
         return images
+
+    async def locate_job(self, job_id: str) -> dict | None:
+        return await asyncio.to_thread(self.core.locate_job, job_id)
 
     async def plan_bulk(self, body: dict) -> dict:
         try:
@@ -196,10 +203,17 @@ class Ingress:
     @api.get("/bulk/{job_id}")
     async def bulk_status(self, job_id: str):
         status = await self.state().status.remote(job_id)
-        if status is None:
-            return JSONResponse(status_code=404, content={"detail": f"unknown bulk job {job_id!r}",
-                                                          "field": "job_id"})
-        return status
+        if status is None:  # not in the table: a restarted state actor finds it in storage
+            found = await self.sampler.locate_job.remote(job_id)
+            if found is not None:
+                status = await self.state().recover.remote(found["plan"], found["done"])
+        return status if status is not None else _unknown_job(job_id)
+
+    @api.delete("/bulk/{job_id}")
+    async def bulk_cancel(self, job_id: str):
+        """Cancel a running job: pending and running shards stop; finished shards stay."""
+        status = await self.state().cancel.remote(job_id)
+        return status if status is not None else _unknown_job(job_id)
 
     @api.get("/healthz")
     async def healthz(self):

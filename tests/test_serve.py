@@ -438,6 +438,43 @@ def test_bulk_job_writes_parquet_to_s3_and_a_repost_skips_done_shards(server, s3
     assert conflict.status_code == 409 and conflict.json()["field"] == "destination"
 
 
+def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel(server, s3, ray_local):
+    opts = s3.storage_options()
+    dest = "s3://cfgd-test/bulk/job2"
+    fs = storage.fsspec_fs(dest, opts)
+    fs.pipe_file(storage.arrow_path(dest) + "/shard-00000.parquet/not-a-shard", b"x")  # a directory, not a shard
+    body = {"destination": "job2", "classes": [1, 2], "counts": 64, "w": [0.0, 1.0], "seed": 5000, "steps": 20}
+    first = _post(server, "/bulk", body).json()
+    assert first["state"] == "running" and first["skipped_shards"] == 0 and first["total_shards"] == 16
+    inner = _post(server, "/bulk", {**body, "destination": "job2/inner"})
+    assert inner.status_code == 409 and "overlaps" in inner.json()["detail"]
+
+    actor = ray_local.get_actor(serving.state_actor_name(APP), namespace=serving.STATE_NAMESPACE)
+    ray_local.kill(actor, no_restart=False)  # the job table is lost; storage is not
+    deadline, st = time.time() + 60, None
+    while time.time() < deadline:
+        r = requests.get(f"{server['url']}/bulk/{first['job_id']}", timeout=30)
+        if r.status_code == 200:
+            st = r.json()
+            break
+        assert r.status_code == 503 and r.headers["retry-after"], r.text  # restarting: retry, not 500
+        time.sleep(1)
+    assert st is not None and st["state"] in ("interrupted", "done") and st["job_id"] == first["job_id"]
+    again = _post(server, "/bulk", body).json()  # re-POST: finish what is missing
+    assert _wait_job(server, again["job_id"])["state"] == "done"
+    files = sorted({f for f in _shard_files(fs, dest) if fs.info(f)["type"] == "file"})
+    seeds = sorted(s for f in files for s in pq.read_table(f, filesystem=fs).column("seed").to_pylist())
+    assert seeds == list(range(5000, 5256))  # no row missing, none twice
+
+    third = _post(server, "/bulk", {**body, "destination": "job3", "counts": 128}).json()
+    cancelled = requests.delete(f"{server['url']}/bulk/{third['job_id']}", timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    time.sleep(2)
+    st = requests.get(f"{server['url']}/bulk/{third['job_id']}", timeout=30).json()
+    assert st["state"] == "cancelled" and st["done_shards"] < st["total_shards"]
+    assert requests.delete(f"{server['url']}/bulk/0123456789abcdef", timeout=30).status_code == 404
+
+
 def test_redeploy_with_a_new_default_checkpoint_drops_no_requests(server, checkpoints, s3):
     from ray import serve
 

@@ -25,6 +25,8 @@ SHARD_RE = re.compile(r"^shard-(\d{5})\.parquet$")
 # Leading "_": Parquet readers (pyarrow datasets, Ray Data) skip these when reading the
 # destination directory as one dataset.
 MANIFEST = "_job.json"
+JOB_INDEX = "_jobs"  # under output_prefix: job id -> destination
+JOB_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 PNG_DIR = "_png"
 # Path segments allowed in a bulk destination: no spaces, no "..", nothing a shell or URL
 # would reinterpret.
@@ -158,6 +160,10 @@ class BulkPlan:
                     return rows
         return rows
 
+    def shard_len(self, shard: int) -> int:
+        """Rows of one shard, by arithmetic (status pages must not walk the cells)."""
+        return max(0, min(self.shard_size, self.total_images - shard * self.shard_size))
+
     def shard_uri(self, shard: int) -> str:
         return f"{self.destination}/{SHARD_NAME.format(shard)}"
 
@@ -225,18 +231,34 @@ def existing_shards(destination: str, opts: StorageOptions | None) -> set[int]:
     fs = storage.fsspec_fs(destination, opts)
     base = storage.arrow_path(destination)
     try:
-        names = storage.with_retries(lambda: fs.ls(base, detail=False), what=f"list {destination}")
+        entries = storage.with_retries(lambda: fs.ls(base, detail=True), what=f"list {destination}")
     except FileNotFoundError:
         return set()
     found = set()
-    for p in names:
-        m = SHARD_RE.match(p.rstrip("/").rsplit("/", 1)[-1])
-        if m:
+    for e in entries:
+        m = SHARD_RE.match(e["name"].rstrip("/").rsplit("/", 1)[-1])
+        if m and e.get("type") == "file":  # a directory named like a shard is not a finished shard
             found.add(int(m.group(1)))
     return found
 
 
-def prepare_destination(plan: BulkPlan, opts: StorageOptions | None) -> set[int]:
+def index_uri(output_prefix: str, job_id: str) -> str:
+    """Where a job's id is mapped to its destination, so a restarted state actor finds it."""
+    return f"{output_prefix.rstrip('/')}/{JOB_INDEX}/{job_id}.json"
+
+
+def read_job(output_prefix: str, job_id: str, opts: StorageOptions | None) -> BulkPlan | None:
+    """The plan of job ``job_id`` from its index entry and manifest, or None if unknown."""
+    try:
+        destination = json.loads(storage.read_bytes(index_uri(output_prefix, job_id), opts))["destination"]
+        manifest = json.loads(storage.read_bytes(f"{destination}/{MANIFEST}", opts))
+        plan = BulkPlan.from_dict(manifest["plan"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+    return plan if plan.job_id == job_id else None
+
+
+def prepare_destination(plan: BulkPlan, output_prefix: str, opts: StorageOptions | None) -> set[int]:
     """Write the job manifest (or check that the one there is this job's) and return the
     shards already done. A different job in the same destination is a 409."""
     uri = f"{plan.destination}/{MANIFEST}"
@@ -253,4 +275,6 @@ def prepare_destination(plan: BulkPlan, opts: StorageOptions | None) -> set[int]
                                                f"(differs in {changed}); choose another destination")
     if old is None:
         storage.write_bytes_atomic(uri, json.dumps(plan.manifest(), indent=2).encode(), opts)
+    storage.write_bytes_atomic(index_uri(output_prefix, plan.job_id),
+                               json.dumps({"destination": plan.destination}).encode(), opts)
     return {k for k in existing_shards(plan.destination, opts) if k < plan.total_shards}

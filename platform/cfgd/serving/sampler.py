@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from cfgd.generate import Generator
 from cfgd.plan import Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
 from cfgd.serving.batching import SampleSpec, sample_specs
-from cfgd.serving.bulk import BulkPlan, pinned, resolve_destination
+from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.models import ModelCache
 from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse
 from cfgd.serving.settings import ServeSettings
@@ -279,6 +279,19 @@ class SamplerCore:
                         seed=req.seed, solver=solver.model_dump(), guidance=[g.model_dump() for g in rows],
                         guide_uris={k: pinned(s.checkpoints[k]) for k in guides},
                         png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows)
-        return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()),
+        return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()), "output_prefix": s.output_prefix,
                 "task": {"num_cpus": s.shard_num_cpus, "max_retries": s.shard_max_retries,
-                         "threads": s.torch_threads}}
+                         "threads": s.torch_threads, "max_running_jobs": s.max_running_jobs}}
+
+    def locate_job(self, job_id: str) -> dict | None:
+        """A bulk job from storage (its index entry, manifest and finished shards), for a
+        state actor that restarted and lost its table; None if there is no such job."""
+        s, _ = self._current()
+        if not s.output_prefix or not JOB_ID_RE.match(job_id):
+            return None
+        opts = s.storage_options()
+        plan = read_job(s.output_prefix, job_id, opts)
+        if plan is None:
+            return None
+        done = sorted(k for k in existing_shards(plan.destination, opts) if k < plan.total_shards)
+        return {"plan": plan.to_dict(), "done": done}

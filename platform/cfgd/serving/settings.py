@@ -51,6 +51,7 @@ class ServeSettings(BaseModel):
     shard_num_cpus: float = 0.5
     shard_max_retries: int = 3
     max_bulk_images: int = 100_000
+    max_running_jobs: int = 4  # bulk jobs running at once; more are refused with 429
     storage: dict[str, Any] = {}  # cfgd.storage.StorageOptions fields
 
     @classmethod
@@ -93,6 +94,7 @@ class ServeSettings(BaseModel):
             Rule("shard_num_cpus", self.shard_num_cpus, self.shard_num_cpus > 0, "> 0"),
             Rule("shard_max_retries", self.shard_max_retries, self.shard_max_retries >= 0, ">= 0"),
             Rule("max_bulk_images", self.max_bulk_images, self.max_bulk_images >= 1, ">= 1"),
+            Rule("max_running_jobs", self.max_running_jobs, self.max_running_jobs >= 1, ">= 1"),
         ], ValueError, prefix="setting ")
         if self.output_prefix:
             storage.is_remote(self.output_prefix)
