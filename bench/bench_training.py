@@ -32,7 +32,8 @@ from cfgd.shards import read_meta
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.spec import null_label
 from cfgd.model import ModelSpec, build_model
-from cfgd.train import fit, init_ray
+from cfgd.rayenv import init_ray
+from cfgd.train import fit
 
 
 def plain_loop(data: str, steps: int, batch: int, threads: int) -> float:
@@ -93,7 +94,7 @@ def main() -> None:
 
     plain = plain_loop(args.data, args.steps, args.batch, threads=2)
     plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    init_ray(load_config(None, ["train.num_cpus=2"]).train)
+    init_ray(num_cpus=2, dashboard=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -10,19 +10,19 @@ x_test, y_test). Existing shards are kept unless data.overwrite=true.
 
 import time
 
-from cfgd.cli import fail, parse
+from cfgd.cli import fail, job
 from cfgd.shards import prepare
 
 if __name__ == "__main__":
-    cfg = parse(__doc__)
-    d = cfg.data
-    t0 = time.perf_counter()
-    try:
-        metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction, d.overwrite,
-                        storage=cfg.storage)
-    except (ValueError, FileNotFoundError) as err:
-        fail(err)
-    for split, m in metas.items():
-        print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes, "
-              f"{len(m.files)} shard(s) under {d.root}/{split}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    with job(__doc__, "prepare_data", sections=("data", "storage")) as cfg:
+        d = cfg.data
+        t0 = time.perf_counter()
+        try:
+            metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction,
+                            d.overwrite, storage=cfg.storage)
+        except (ValueError, FileNotFoundError) as err:
+            fail(err)
+        for split, m in metas.items():
+            print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes, "
+                  f"{len(m.files)} shard(s) under {d.root}/{split}")
+        print(f"done in {time.perf_counter() - t0:.1f} s")

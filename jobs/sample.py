@@ -8,20 +8,20 @@ valid checkpoint is used). sample.solver, sample.rule and the rule's parameters 
 how (README: "Guidance rules and solvers"). Writes grid.png and samples.npz.
 """
 
-from cfgd.cli import fail, parse, refuse
+from cfgd.cli import fail, job, refuse
 from cfgd.config import ConfigError, config_plan
 from cfgd.generate import sample_grid
 
 if __name__ == "__main__":
-    cfg = parse(__doc__)
-    if not cfg.sample.checkpoint:
-        refuse(ValueError("sample.checkpoint is required: a checkpoint or run directory"))
-    try:
-        solver, columns = config_plan(cfg.sample)  # the sampling plan, built once, here
-    except ConfigError as err:
-        refuse(err)
-    try:
-        paths = sample_grid(cfg.sample, solver, columns, storage=cfg.storage)
-    except ValueError as err:
-        fail(err)
-    print(f"grid: {paths['grid']}\nsamples: {paths['samples']}")
+    with job(__doc__, "sample", sections=("sample", "storage")) as cfg:
+        if not cfg.sample.checkpoint:
+            refuse(ValueError("sample.checkpoint is required: a checkpoint or run directory"))
+        try:
+            solver, columns = config_plan(cfg.sample)  # the sampling plan, built once, here
+        except ConfigError as err:
+            refuse(err)
+        try:
+            paths = sample_grid(cfg.sample, solver, columns, storage=cfg.storage)
+        except ValueError as err:
+            fail(err)
+        print(f"grid: {paths['grid']}\nsamples: {paths['samples']}")

@@ -3,15 +3,16 @@
     python jobs/train.py --config jobs/configs/fashion_mnist.yaml train.steps=2000
 
 Runs on an embedded local Ray unless train.ray_address is set. Rerunning with the
-same train.run_name resumes from the newest checkpoint.
+same train.run_name resumes from the newest checkpoint. Prints its progress; Ray's
+output goes to the log file it names (--verbose: to the console).
 """
 
-from cfgd.cli import fail, parse
+from cfgd.cli import fail, job
 from cfgd.train import fit
 
 if __name__ == "__main__":
-    cfg = parse(__doc__)
-    try:
-        fit(cfg)
-    except ValueError as err:
-        fail(err)
+    with job(__doc__, "train", sections=("data", "model", "diffusion", "train", "storage")) as cfg:
+        try:
+            fit(cfg)
+        except ValueError as err:
+            fail(err)

@@ -15,12 +15,9 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session (starting Ray costs ~10 s)."""
-    import ray
+    from cfgd.rayenv import init_ray
 
-    from cfgd.config import TrainConfig
-    from cfgd.train import init_ray
-
-    init_ray(TrainConfig(num_cpus=2))
+    ray = init_ray(num_cpus=2, dashboard=True)  # with Ray Train's dashboard, as the training job has
     yield ray
     ray.shutdown()
 

@@ -175,7 +175,8 @@ def launch(tmp_path):
 def _args(root: Path, runs: Path, name: str, max_failures: int) -> list[str]:
     return ["--config", "jobs/configs/tiny.yaml", f"data.root={root}", f"train.storage_path={runs}",
             f"train.run_name={name}", f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}",
-            f"train.max_failures={max_failures}", "train.log_every=1"]
+            f"train.max_failures={max_failures}", "train.log_every=1",
+            "--verbose"]  # Ray's own lines too: the tests find worker pids in "(RayTrainWorker pid=…)"
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -11,7 +11,8 @@ import torch
 from cfgd.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, resolve_checkpoint, write_checkpoint
 from cfgd.config import Config, to_dict
 from cfgd.diffusion import make_schedule, q_sample
-from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of, make_grid
+from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of
+from cfgd.grid import make_grid
 from cfgd.guidance import GuidedDenoiser
 from cfgd.images import to_uint8
 from cfgd.spec import null_label

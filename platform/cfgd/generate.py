@@ -12,11 +12,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
 from cfgd.diffusion import EpsFn
+from cfgd.grid import labelled_grid, zoom_for
 from cfgd.images import to_uint8
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
@@ -199,18 +198,6 @@ class Generator:
         return torch.cat(outs)
 
 
-def make_grid(images: np.ndarray, rows: int, cols: int, pad: int = 2, gap: int = 6, per_cell: int = 1) -> Image.Image:
-    """Tile uint8 (rows·cols·per_cell, H, W, C) images, ordered row-major with each cell's
-    ``per_cell`` images side by side; cells separated by ``gap`` pixels."""
-    _, H, W, C = images.shape
-    cell_w = per_cell * (W + pad) - pad
-    canvas = np.full((rows * (H + gap) - gap, cols * (cell_w + gap) - gap, C), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        cell, k = divmod(i, per_cell)
-        r, c = divmod(cell, cols)
-        y, x = r * (H + gap), c * (cell_w + gap) + k * (W + pad)
-        canvas[y:y + H, x:x + W] = img
-    return Image.fromarray(canvas[..., 0] if C == 1 else canvas)
 
 
 def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], device: str = "cpu",
@@ -219,8 +206,9 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
 
     ``solver`` and ``columns`` come from :func:`cfgd.config.config_plan`. Sample j of
     class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the columns differ
-    only by guidance. Writes ``grid.png`` and ``samples.npz`` (images uint8 NHWC, labels,
-    w, guidance_scale, seeds) and returns their paths.
+    only by guidance. Writes ``grid.png`` (class names left of the rows, ``w = …`` above
+    the columns, images magnified to >= 84 px) and ``samples.npz`` (images uint8 NHWC,
+    labels, w, guidance_scale, seeds) and returns their paths.
     """
     gen = Generator.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
@@ -247,7 +235,9 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
         out = Path(gen.checkpoint.path).parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
     grid_path, npz_path = out / "grid.png", out / "samples.npz"
-    make_grid(u8, len(classes), len(ws), per_cell=sc.per_cell).save(grid_path)
+    names = gen.checkpoint.label_names
+    labelled_grid(u8, [names[c] for c in classes], len(ws), col_labels=[f"w = {w:g}" for w in ws],
+                  per_cell=sc.per_cell, zoom=zoom_for(gen.shape[1])).save(grid_path)
     w_arr = np.asarray([g.w for g in rows], dtype=np.float64)
     np.savez_compressed(npz_path, images=u8, labels=np.asarray(labels, dtype=np.int64), w=w_arr,
                         guidance_scale=1 + w_arr, seeds=np.asarray(seeds, dtype=np.int64),

@@ -58,6 +58,15 @@ class Attention(nn.Module):
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        if heads == 1:
+            # With one head, forward's reshape hands proj a channels-last view of the
+            # attention output (no copy), so proj's weight gradient comes back with
+            # channels-last strides and DDP warned "Grad strides do not match bucket view
+            # strides". A 1x1 weight has the same memory order in both layouts (only the
+            # strides of its size-1 dimensions differ), so giving it channels-last strides
+            # leaves the forward bit-identical and lets the gradient match DDP's bucket.
+            # (With several heads the reshape copies into the default layout: nothing to do.)
+            self.proj.weight = nn.Parameter(self.proj.weight.detach().to(memory_format=torch.channels_last))
         self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

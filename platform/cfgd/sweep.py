@@ -40,7 +40,6 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from cfgd import storage
@@ -49,9 +48,11 @@ from cfgd.config import ConfigError, masked
 from cfgd.dataset import load_split
 from cfgd.evaluate import Evaluator, RealSplit, compute_metrics
 from cfgd.fid_inception import InceptionFID, sweep_fid_inception
-from cfgd.generate import Generator, make_grid
+from cfgd.generate import Generator
+from cfgd.grid import labelled_grid
 from cfgd.images import decode_png, encode_png, to_uint8
 from cfgd.plan import PlanError, SamplingPlan
+from cfgd.rayenv import init_ray
 from cfgd.storage import StorageOptions
 from cfgd.sweep_grid import GridPoint, SweepConfig, rows_per_image, sample_rows, sweep_axes  # noqa: F401
 
@@ -86,18 +87,6 @@ class SampleWorker:
         images = self.generators[ck].sample(task["labels"], task["seeds"], task["plan"],
                                             batch_size=len(task["labels"]))
         return {"task": task["id"], "images": to_uint8(images), "seconds": time.perf_counter() - t0}
-
-
-def _init_ray(cfg: SweepConfig):
-    import ray
-
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
-        if address:
-            ray.init(address=address, logging_level="warning")
-        else:
-            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, logging_level="warning")
-    return ray
 
 
 # ------------------------------------------------------------------ storage helpers
@@ -329,7 +318,7 @@ def _sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoi
                    infos: dict[str, CheckpointInfo], evaluator: Evaluator, real: RealSplit, out: _Out,
                    log: Callable[[str], None]) -> None:
     """Sample the missing points on Ray actors; evaluate and store each point as it completes."""
-    ray = _init_ray(cfg)
+    ray = init_ray(cfg.ray_address, cfg.num_cpus)
     from ray.util import ActorPool
 
     tasks, shares = _tasks(missing, ids, infos, cfg)
@@ -406,19 +395,6 @@ def _group_name(group: tuple) -> str:
     return f"{name}_{solver.name}{solver.steps}{eta}_{g.rule}{iv}{extra}".replace("+", "p")
 
 
-def labelled_grid(images: np.ndarray, row_labels: list[str], cols: int, zoom: int = 2) -> Image.Image:
-    """make_grid of uint8 (rows·cols, H, W, C) images, magnified ``zoom``×, with a label left of each row."""
-    grid = make_grid(images, rows=len(row_labels), cols=cols).convert("RGB")
-    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST)
-    margin, row_h = 48, (images.shape[1] + 6) * zoom  # make_grid's default gap is 6 px
-    canvas = Image.new("RGB", (grid.width + margin, grid.height), "white")
-    canvas.paste(grid, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    for r, text in enumerate(row_labels):
-        draw.text((2, r * row_h + max(0, images.shape[1] * zoom // 2 - 6)), text, fill="black")
-    return canvas
-
-
 def _write_grids(out: _Out, points: list[GridPoint], ids: dict[GridPoint, str], columns: int,
                  zoom: int) -> dict[str, str]:
     """grid.png for the first group (rows = w, the same seeds in every row), grids/* for every group."""
@@ -436,7 +412,8 @@ def _write_grids(out: _Out, points: list[GridPoint], ids: dict[GridPoint, str], 
             seeds = s
             images += [decode_png(b) for b in t.column("image").to_pylist()]
         png = io.BytesIO()
-        labelled_grid(np.stack(images), [f"w={p.w:g}" for p in members], len(seeds), zoom).save(png, format="PNG")
+        labelled_grid(np.stack(images), [f"w={p.w:g}" for p in members], len(seeds), zoom=zoom, left=48,
+                      font_size=None).save(png, format="PNG")
         if gi == 0:
             paths["grid"] = out.write("grid.png", png.getvalue())
         if len(groups) > 1:

@@ -29,6 +29,7 @@ from cfgd import storage
 from cfgd.checkpoint import Checkpoint, write_checkpoint
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.model import build_model, count_params
+from cfgd.rayenv import init_ray
 from cfgd.spec import ModelSpec
 
 
@@ -55,8 +56,15 @@ class EMA:
 
 def _log(msg: str) -> None:
     # Not print(): Ray Train patches print in workers and would log each line twice.
+    # The tag is what keeps a worker's line on a quiet job's console (cfgd.console).
     sys.stdout.write(f"[cfgd.train] {msg}\n")
     sys.stdout.flush()
+
+
+def _eta(seconds: float) -> str:
+    """h:mm:ss"""
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _threads(cfg: cfglib.TrainConfig) -> int:
@@ -169,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 dt = time.perf_counter() - window_t0
                 if rank == 0:
                     _log(f"step {step}/{tc.steps} epoch {epoch} loss {float(window_loss) / window_n:.4f} "
-                         f"{window_n * tc.batch_size / dt:.1f} samples/s")
+                         f"{window_n * tc.batch_size / dt:.1f} samples/s ETA {_eta((tc.steps - step) * dt / window_n)}")
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - steady_t0 if steady_t0 else 0.0
@@ -267,21 +275,11 @@ def _resume_point(rank: int, world: int) -> Checkpoint | None:
     return ck
 
 
-def init_ray(tc: cfglib.TrainConfig) -> None:
-    """Join the cluster at ``train.ray_address``, or start an embedded local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Under `ray job submit`, RAY_ADDRESS names the cluster the job belongs to.
-    address = tc.ray_address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        # With the dashboard, Ray Train's placement-group cleaner can query actor state
-        # (without it, it logs a warning every second). Bound to loopback by default.
-        ray.init(num_cpus=tc.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level="warning")
+def _summary(metrics: dict[str, Any]) -> str:
+    """The final checkpoint's metrics, short: step, loss, steady samples/s, peak worker memory."""
+    parts = {"step": "step {:d}", "loss": "loss {:.4f}", "samples_per_s": "{:.1f} samples/s",
+             "peak_rss_mib": "peak RSS {:.0f} MiB"}
+    return ", ".join(fmt.format(metrics[k]) for k, fmt in parts.items() if k in metrics) or "no metrics"
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:
@@ -317,11 +315,13 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     data_fs = storage.fsspec_fs(cfg.data.root, opts)
     meta = read_meta(cfg.data.root, "train", data_fs)
     validate_labels(cfg.data.root, "train", meta, data_fs)
+    _log(f"data: {meta.num_rows} rows of {meta.height}x{meta.width}x{meta.channels} in {len(meta.files)} shard(s) "
+         f"under {cfg.data.root}; {meta.num_classes} classes: {', '.join(meta.class_names)}")
     out = run_uri(cfg.train)
     storage.write_bytes_atomic(out + "/config.yaml", cfglib.to_yaml(cfg).encode(), opts)
     _log(f"run directory: {out}")
 
-    init_ray(cfg.train)
+    init_ray(cfg.train.ray_address, cfg.train.num_cpus, dashboard=True)
     import ray.data
 
     # Progress bars of the streaming split would interleave with the training log.
@@ -355,8 +355,8 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     t0 = time.perf_counter()
     result = trainer.fit()
     ck = result.checkpoint
-    _log(f"done in {time.perf_counter() - t0:.0f} s; newest checkpoint: {ck.path if ck else None}; "
-         f"metrics: {result.metrics}")
+    _log(f"done in {time.perf_counter() - t0:.0f} s; newest checkpoint: {ck.path if ck else None} "
+         f"({_summary(result.metrics or {})})")
     if math.isnan(float((result.metrics or {}).get("loss", 0.0))):
         raise RuntimeError("training diverged: the final loss is NaN")
     return result

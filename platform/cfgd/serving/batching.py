@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgd.generate import Generator, make_grid
+from cfgd.generate import Generator
+from cfgd.grid import make_grid
 from cfgd.images import encode_png, to_uint8
 from cfgd.plan import Guidance, SamplingPlan, Solver
 
