@@ -19,6 +19,7 @@ images/s (HTTP) ÷ images/s (in-process) is the Serve overhead at saturation.
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import logging
 import os
@@ -35,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # serve.app
 
+
+HEADERS: dict[str, str] = {}  # the API token header, with --token
 
 def tiny_checkpoint(directory: Path) -> str:
     from cfgd.checkpoint import write_checkpoint
@@ -95,7 +98,7 @@ async def http_load(url: str, args, num_classes: int) -> dict:
             body = {"class_label": rng.randrange(num_classes), "w": rng.uniform(0, 4),
                     "seed": rng.randrange(2**31), "steps": args.steps, "num_images": args.num_images}
             t = time.perf_counter()
-            async with session.post(url + "/generate", json=body) as r:
+            async with session.post(url + "/generate", json=body, headers=HEADERS) as r:
                 payload = await r.json()
                 if r.status != 200:
                     raise RuntimeError(f"HTTP {r.status}: {payload}")
@@ -109,6 +112,41 @@ async def http_load(url: str, args, num_classes: int) -> dict:
         total = time.perf_counter() - start
     return {"images_s": images / total, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "requests": len(latencies)}
+
+
+def bench_guard(n: int = 20000) -> str:
+    """Cost of cfgd.serving.guard.Guard per request, in-process on a trivial ASGI app (µs)."""
+    from cfgd.serving.guard import Guard
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    body = json.dumps({"class_label": 1, "w": 2.0, "seed": 3, "steps": 10}).encode()
+
+    async def run(handler) -> float:
+        async def send(message):
+            pass
+
+        t = time.perf_counter()
+        for _ in range(n):
+            msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                return msgs.pop() if msgs else {"type": "http.disconnect"}
+
+            scope = {"type": "http", "path": "/generate", "root_path": "", "client": ("127.0.0.1", 5000),
+                     "headers": [(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode()), (b"authorization", b"Bearer " + b"a" * 64)]}
+            await handler(scope, receive, send)
+        return (time.perf_counter() - t) / n * 1e6
+
+    bare = asyncio.run(run(app))
+    tok = asyncio.run(run(Guard(app, tokens=(b"a" * 64, b"b" * 64))))
+    loop = asyncio.run(run(Guard(app, tokens=())))
+    return (f"guard per request: bare ASGI app {bare:.1f} us; with the token check (2 tokens) {tok:.1f} us; "
+            f"no token (loopback check) {loop:.1f} us")
 
 
 def bench_http(checkpoint: str, args, url: str, max_batch_size: int, pad_rows: int, num_classes: int) -> dict:
@@ -125,10 +163,10 @@ def bench_http(checkpoint: str, args, url: str, max_batch_size: int, pad_rows: i
     serve.run(Ingress.bind(sampler.bind()), name="bench", route_prefix="/")
     warm = {"class_label": 0, "steps": args.steps, "num_images": args.num_images}
     for _ in range(2):
-        requests.post(url + "/generate", json=warm, timeout=600).raise_for_status()
-    before = requests.get(url + "/stats", timeout=60).json()
+        requests.post(url + "/generate", json=warm, timeout=600, headers=HEADERS).raise_for_status()
+    before = requests.get(url + "/stats", timeout=60, headers=HEADERS).json()
     result = asyncio.run(http_load(url, args, num_classes))
-    after = requests.get(url + "/stats", timeout=60).json()
+    after = requests.get(url + "/stats", timeout=60, headers=HEADERS).json()
     batches = after["batches"] - before["batches"]
     result["batch"] = (after["requests"] - before["requests"]) / max(batches, 1)
     serve.delete("bench")
@@ -146,7 +184,13 @@ def main(argv=None) -> None:
     p.add_argument("--batch-wait", type=float, default=0.05, help="batch_wait_timeout_s")
     p.add_argument("--pad-rows", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads in-process and per replica")
+    p.add_argument("--token", action="store_true", help="require an API token (CFGD_API_TOKEN) and send it")
     args = p.parse_args(argv)
+    if args.token:  # before ray.init: the replicas inherit the environment
+        import secrets
+
+        os.environ["CFGD_API_TOKEN"] = secrets.token_hex(32)
+        HEADERS["Authorization"] = "Bearer " + os.environ["CFGD_API_TOKEN"]
 
     import ray
     from ray import serve
@@ -161,6 +205,7 @@ def main(argv=None) -> None:
           f"{s.num_classes} classes; {args.steps} DDIM steps, guided (w in [0, 4]), "
           f"{args.num_images} image(s)/request, torch threads {args.threads}, {os.cpu_count()} cores", flush=True)
 
+    print(bench_guard(), flush=True)
     rows = [("in-process Generator.sample", "-", bench_in_process(checkpoint, args))]
     print(f"in-process done: {rows[-1][2]['images_s']:.1f} images/s", flush=True)
 

@@ -475,6 +475,52 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     assert requests.delete(f"{server['url']}/bulk/0123456789abcdef", timeout=30).status_code == 404
 
 
+def test_a_killed_sampler_replica_costs_503s_not_500s(server, ray_local):
+    """SIGKILL the Sampler replica under 4 looping clients: in-flight requests get 503 with
+    Retry-After (or are served by the restarted replica), none a 500, none hangs."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    body = {"class_label": 2, "w": 1.0, "seed": 5, "steps": 5}
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            t = time.time()
+            try:
+                r = _post(server, "/generate", body, timeout=120)
+                results.append((t, time.time(), r.status_code, r.headers.get("retry-after")))
+            except requests.RequestException as exc:  # a hang past the timeout is a failure
+                results.append((t, time.time(), repr(exc), None))
+
+    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if a["class_name"] == f"ServeReplica:{APP}:Sampler"]
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(3)
+    killed_at = time.time()
+    os.kill(replica["pid"], signal.SIGKILL)
+    deadline = killed_at + 90
+    while time.time() < deadline and not any(t0 > killed_at and code == 200 for t0, _, code, _ in results):
+        time.sleep(0.5)
+    stop.set()
+    for th in threads:
+        th.join(timeout=150)
+    after = [(t0, t1, code, ra) for t0, t1, code, ra in results if t1 > killed_at]
+    codes = [code for _, _, code, _ in after]
+    assert all(code in (200, 503) for code in codes), codes
+    assert all(ra for _, _, code, ra in after if code == 503)
+    back = min((t1 for t0, t1, code, _ in after if code == 200 and t0 > killed_at), default=None)
+    assert back is not None, codes
+    print(f"SIGKILL of the Sampler replica: {len(after)} requests answered after it, "
+          f"{codes.count(503)} x 503 (Retry-After), {codes.count(200)} x 200; serving again "
+          f"{back - killed_at:.1f} s after the kill; longest request {max(t1 - t0 for t0, t1, _, _ in after):.1f} s")
+    assert back - killed_at < 90
+
+
 def test_redeploy_with_a_new_default_checkpoint_drops_no_requests(server, checkpoints, s3):
     from ray import serve
 
