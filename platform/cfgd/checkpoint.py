@@ -10,7 +10,7 @@ A checkpoint is a directory::
 
 A directory without meta.json, or whose files do not match it, is refused. Callers
 read what a checkpoint says through :class:`Checkpoint` (spec, timesteps, schedule(),
-label names, null label), never through the raw meta dict.
+parameterization, label names, null label), never through the raw meta dict.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from cfgd import artifact, storage
 from cfgd.artifact import META, ArtifactError as CheckpointError
 from cfgd.diffusion import Schedule, make_schedule
 from cfgd.model import UNet, build_model
-from cfgd.spec import MAX_TIMESTEPS, SCHEDULES, ModelSpec
+from cfgd.spec import MAX_TIMESTEPS, PARAMETERIZATIONS, SCHEDULES, ModelSpec
 
 KIND = "cfgd-model"
 WEIGHTS = ("model.safetensors", "ema.safetensors")
@@ -47,7 +47,7 @@ class Checkpoint:
     def __post_init__(self):
         # Bound everything a caller may build from before anything is built.
         self.spec  # noqa: B018 (raises on an unusable spec)
-        self.schedule_name, self.timesteps  # noqa: B018
+        self.schedule_name, self.timesteps, self.parameterization, self.zero_terminal_snr  # noqa: B018
 
     @property
     def spec(self) -> ModelSpec:
@@ -98,9 +98,28 @@ class Checkpoint:
                                   f"expected one of {list(SCHEDULES)}")
         return name
 
+    @property
+    def parameterization(self) -> str:
+        """What the network predicts (cfgd.spec.PARAMETERIZATIONS); "eps" for checkpoints
+        written before the key existed."""
+        name = self._diffusion.get("parameterization", "eps")
+        if name not in PARAMETERIZATIONS:
+            raise CheckpointError(f"checkpoint {self.path} is refused: parameterization {name!r}, "
+                                  f"expected one of {list(PARAMETERIZATIONS)}")
+        return name
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the schedule was rescaled to ᾱ_T = 0; False for checkpoints without the key."""
+        flag = self._diffusion.get("zero_terminal_snr", False)
+        if not isinstance(flag, bool) or (flag and self.parameterization == "eps"):
+            raise CheckpointError(f"checkpoint {self.path} is refused: zero_terminal_snr={flag!r}, expected "
+                                  f"a bool (and false with parameterization 'eps')")
+        return flag
+
     def schedule(self) -> Schedule:
         """The noise schedule the model was trained with."""
-        return make_schedule(self.schedule_name, self.timesteps)
+        return make_schedule(self.schedule_name, self.timesteps, self.zero_terminal_snr)
 
     def weights_sha256(self, ema: bool = True) -> str:
         """The digest of the EMA (default) or raw weights file: what identifies the model."""

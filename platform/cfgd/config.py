@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cfgd.checks import Rule, check, one_of
 from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
 from cfgd.sources import SOURCES
-from cfgd.spec import MAX_TIMESTEPS, MODEL_SIZES, SCHEDULES
+from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
 from cfgd.storage import StorageOptions
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -47,6 +47,8 @@ class DiffusionConfig:
     schedule: str = "cosine"  # one of SCHEDULES
     timesteps: int = 1000
     p_uncond: float = 0.1  # probability that a training label is replaced by the null label
+    parameterization: str = "eps"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
+    zero_terminal_snr: bool = False  # rescale the schedule to ᾱ_T = 0 (Lin et al. 2023); needs v or x0
 
 
 @dataclass
@@ -72,6 +74,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
+    min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
     keep_best_by: str = ""  # "" = keep the newest; "loss" = keep the lowest-loss ones (Ray always keeps the newest too)
     compile: bool = False  # torch.compile the network (helps on GPU)
     max_failures: int = 0
@@ -133,6 +137,16 @@ def validate(cfg: Config) -> Config:
         one_of("model.size", cfg.model.size, MODEL_SIZES),
         Rule("diffusion.p_uncond", t.p_uncond, 0.0 <= t.p_uncond <= 1.0, "in [0, 1]"),
         Rule("diffusion.timesteps", t.timesteps, 1 <= t.timesteps <= MAX_TIMESTEPS, f"in [1, {MAX_TIMESTEPS}]"),
+        one_of("diffusion.parameterization", t.parameterization, PARAMETERIZATIONS),
+        # ᾱ_T = 0 makes x_T pure noise: an ε-prediction says nothing about x0 there.
+        Rule("diffusion.zero_terminal_snr", t.zero_terminal_snr,
+             not (t.zero_terminal_snr and t.parameterization == "eps"),
+             "false with diffusion.parameterization='eps' (ᾱ_T = 0 leaves ε-prediction undefined at t = T); "
+             "use parameterization v or x0"),
+        Rule("diffusion.zero_terminal_snr", t.zero_terminal_snr, not (t.zero_terminal_snr and t.timesteps < 2),
+             "false with diffusion.timesteps < 2"),
+        one_of("train.loss_weighting", tr.loss_weighting, LOSS_WEIGHTINGS),
+        Rule("train.min_snr_gamma", tr.min_snr_gamma, tr.min_snr_gamma > 0, "> 0"),
         Rule("train.num_workers", tr.num_workers, tr.num_workers >= 1, ">= 1"),
         Rule("train.cpus_per_worker", tr.cpus_per_worker, tr.cpus_per_worker > 0, "> 0"),
         Rule("train.batch_size", tr.batch_size, tr.batch_size >= tr.num_workers,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
-from cfgd.diffusion import EpsFn
+from cfgd.diffusion import EpsFn, as_eps_fn
 from cfgd.grid import labelled_grid, zoom_for
 from cfgd.images import to_uint8
 from cfgd.plan import Guidance, SamplingPlan, Solver
@@ -131,8 +131,10 @@ class Generator:
         return cls(ck, model, torch.device(device), rows, nhwc, storage)
 
     def eps_fn(self) -> EpsFn:
-        """This generator's network behind the sampler's seam."""
-        return eps_fn_of(self.model, self.rows_per_call, self.channels_last)
+        """This generator's network behind the sampler's seam, its output turned into ε
+        (and x̂0) from the checkpoint's parameterization (cfgd.diffusion.as_eps_fn)."""
+        return as_eps_fn(eps_fn_of(self.model, self.rows_per_call, self.channels_last), self.schedule(),
+                         self.checkpoint.parameterization)
 
     @property
     def num_classes(self) -> int:
@@ -151,11 +153,12 @@ class Generator:
 
     def check_guide(self, guide: "Generator", name: str) -> None:
         """Autoguidance needs a guiding network that denoises the same problem."""
-        mine = (self.timesteps, self.checkpoint.schedule_name, self.shape, self.num_classes)
-        theirs = (guide.timesteps, guide.checkpoint.schedule_name, guide.shape, guide.num_classes)
+        # Parameterisations may differ: each network is turned into ε by its own eps_fn.
+        mine, theirs = ((g.timesteps, g.checkpoint.schedule_name, g.checkpoint.zero_terminal_snr, g.shape,
+                         g.num_classes) for g in (self, guide))
         if mine != theirs:
-            raise ValueError(f"guide {name!r} does not match the checkpoint: (T, schedule, image shape, classes) "
-                             f"{theirs} vs {mine}")
+            raise ValueError(f"guide {name!r} does not match the checkpoint: (T, schedule, zero terminal SNR, "
+                             f"image shape, classes) {theirs} vs {mine}")
 
     def guide_fns(self, plan: SamplingPlan, guides: Mapping[str, "Generator"] | None = None) -> dict[str, EpsFn]:
         """eps_fns of the plan's guiding networks: from ``guides`` (name → Generator), else

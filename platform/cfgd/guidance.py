@@ -4,7 +4,9 @@ Formulas: shared/docs/guidance-methods.md (CFG: cfg-math.md §3, §5). One batch
 mix rules and parameters row by row (a :class:`cfgd.plan.SamplingPlan`).
 :class:`GuidedDenoiser` turns the network(s) into what a solver needs at timestep t,
 per row: the guided x̂0 (after clipping or dynamic thresholding) and the ε that
-re-noises it (ε̂ itself, except for CFG++, which re-noises with ε_u).
+re-noises it (ε̂ itself, except for CFG++, which re-noises with ε_u). Where ᾱ_t = 0
+(zero terminal SNR, t = T) ε carries nothing about x0, so there the rules act on the
+networks' x̂0 instead (:meth:`GuidedDenoiser._terminal`).
 
 At each step one forward pass of the main network covers the conditional rows and the
 rows that need ε_u, and one pass of each guiding network (autoguidance) covers its
@@ -21,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from cfgd.diffusion import EpsFn, Schedule, bcast
+from cfgd.diffusion import EpsFn, Schedule, bcast, x0_fn
 from cfgd.plan import RULES, WEIGHT_SCHEDULES, Guidance, SamplingPlan
 
 CFG, CFGPP, APG, ZERO, AUTO = (RULES.index(r) for r in ("cfg", "cfg++", "apg", "cfg_zero_star", "autoguidance"))
@@ -158,9 +160,10 @@ class GuidedDenoiser:
             self._masks[t] = (w_t.to(device), guided, idx(c), idx(u), per_guide)
         return self._masks[t]
 
-    def _eps(self, x: torch.Tensor, t: int) -> tuple:
+    def _eps(self, x: torch.Tensor, t: int, main: EpsFn, guide_fns: list[EpsFn]) -> tuple:
         """(ε_c, ε_u, ε_guide, w_t, guided): None for an evaluation no row needed; zeros
-        in the rows of an evaluation that did not need it."""
+        in the rows of an evaluation that did not need it. ``main`` / ``guide_fns``: the
+        networks as eps_fns (or as x̂0 functions, at ᾱ_t = 0)."""
         w_t, guided, cond, uncond, per_guide = self._plan(t, x.device)
         B, n_c, n_u = x.shape[0], len(cond), len(uncond)
         labels = self.labels
@@ -169,23 +172,23 @@ class GuidedDenoiser:
         eps_g = None
         if any(len(rows) for rows in per_guide):
             eps_g = torch.zeros_like(x)
-            for fn, rows in zip(self.guide_fns, per_guide):
+            for fn, rows in zip(guide_fns, per_guide):
                 if len(rows):
                     eps_g.index_copy_(0, rows, fn(x[rows], tt[rows], labels[rows]))
         if n_u == 0:
             if n_c == B:
-                return self.eps_fn(x, tt, labels), None, eps_g, w_t, guided
-            eps_c = torch.zeros_like(x).index_copy_(0, cond, self.eps_fn(x[cond], tt[cond], labels[cond]))
+                return main(x, tt, labels), None, eps_g, w_t, guided
+            eps_c = torch.zeros_like(x).index_copy_(0, cond, main(x[cond], tt[cond], labels[cond]))
             return eps_c, None, eps_g, w_t, guided
         if self.null is None:
             raise ValueError("guidance needs the null label (cfgd.spec.null_label(num_classes))")
         null = torch.full((n_u,), self.null, dtype=labels.dtype, device=labels.device)
         if n_c == B and n_u == B:
             # The common case: both halves for every row in one forward of 2B rows.
-            out = self.eps_fn(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+            out = main(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
             return out[:B], out[B:], eps_g, w_t, guided
-        out = self.eps_fn(torch.cat([x[cond], x[uncond]]), torch.cat([tt[cond], tt[uncond]]),
-                          torch.cat([labels[cond], null]))
+        out = main(torch.cat([x[cond], x[uncond]]), torch.cat([tt[cond], tt[uncond]]),
+                   torch.cat([labels[cond], null]))
         # A missing half always has weight 0 (w = 0 ignores ε_u, w = −1 ignores ε_c),
         # so zeros stand in for it.
         eps_c = out[:B] if n_c == B else torch.zeros_like(x).index_copy_(0, cond, out[:n_c])
@@ -195,13 +198,17 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t: int) -> Denoised:
         """x: (B, C, H, W) at timestep t (one t for the whole batch) → Denoised."""
         a = float(self.schedule.alphas_cumprod[t - 1])
+        if a == 0:
+            return self._terminal(x, t)
         sa, s1a = math.sqrt(a), math.sqrt(1 - a)
-        eps_c, eps_u, eps_g, w_t, guided = self._eps(x, t)
+        eps_c, eps_u, eps_g, w_t, guided = self._eps(x, t, self.eps_fn, self.guide_fns)
         renoise = None
         if eps_u is None and eps_g is None:  # nobody guided at this step: ε̂ = ε_c
             eps = eps_c
         else:
-            eps, renoise = self._guide(x, sa, s1a, eps_c, eps_u, eps_g, w_t, guided)
+            # APG works on x̂0: the maps between ε and x̂0 at this t.
+            space = (lambda e: (x - s1a * e) / sa, lambda d: (x - sa * d) / s1a)
+            eps, renoise = self._guide(x, space, eps_c, eps_u, eps_g, w_t, guided)
         # x̂_0 = (x_t − sqrt(1−ᾱ_t)·ε̂) / sqrt(ᾱ_t)
         x0 = (x - s1a * eps) / sa
         x0, changed = self._process(x0)
@@ -213,8 +220,27 @@ class GuidedDenoiser:
             eps = torch.where(mask, eps_u, eps)
         return Denoised(x0, eps)
 
-    def _guide(self, x, sa, s1a, eps_c, eps_u, eps_g, w_t, guided):
-        """ε̂ per row, and (CFG++ mask, ε_u) when a CFG++ row is guided (else None)."""
+    def _terminal(self, x: torch.Tensor, t: int) -> Denoised:
+        """The step at ᾱ_t = 0: x_t = ε exactly, and x̂0 comes from the networks' own x̂0.
+
+        Every rule is applied to the x̂0 predictions in place of ε: for the linear rules
+        (CFG, autoguidance, CFG++) that is the limit of ε-space guidance as ᾱ_t → 0, APG
+        is defined on x̂0 anyway, and CFG-Zero* / rescale act on x̂0 as they would on a
+        v-model's output. Needs v or x0 networks (cfgd.diffusion.x0_fn).
+        """
+        x0_c, x0_u, x0_g, w_t, guided = self._eps(x, t, x0_fn(self.eps_fn), [x0_fn(g) for g in self.guide_fns])
+        x0 = x0_c
+        if x0_u is not None or x0_g is not None:
+            same = lambda v: v  # noqa: E731 - already in x̂0 space
+            x0, _ = self._guide(x, (same, same), x0_c, x0_u, x0_g, w_t, guided)
+        x0, _ = self._process(x0)
+        return Denoised(x0, x)  # every ε here, CFG++'s ε_u too, is x_t itself
+
+    def _guide(self, x, space, eps_c, eps_u, eps_g, w_t, guided):
+        """ε̂ per row, and (CFG++ mask, ε_u) when a CFG++ row is guided (else None).
+
+        ``space`` = (to_x0, from_x0): the maps from the branches' space to x̂0 and back (APG).
+        """
         rows, used = self.rows, self.rows.used
         zeros = torch.zeros_like(x)
         eps_u = zeros if eps_u is None else eps_u
@@ -230,7 +256,7 @@ class GuidedDenoiser:
             zero = s_star * eps_u + (1 + wb) * (eps_c - s_star * eps_u)
             eps = torch.where(rule == ZERO, zero, eps)
         if APG in used:
-            eps = torch.where(rule == APG, self._apg(x, sa, s1a, eps_c, eps_u, wb, on & (rule == APG)), eps)
+            eps = torch.where(rule == APG, self._apg(x, space, eps_c, eps_u, wb, on & (rule == APG)), eps)
         eps = _rescale(eps_c, eps, rows.rescale, (rule == CFG) & (wb == -1))
         if CFGPP not in used:
             return eps, None
@@ -240,11 +266,11 @@ class GuidedDenoiser:
         eps = torch.where(pp & on, eps_u + lam * (eps_c - eps_u), torch.where(pp, eps_c, eps))
         return eps, (pp & on, eps_u)
 
-    def _apg(self, x, sa, s1a, eps_c, eps_u, wb, on) -> torch.Tensor:
+    def _apg(self, x, space, eps_c, eps_u, wb, on) -> torch.Tensor:
         """Adaptive projected guidance (Sadat et al. 2024) in x̂0 space; ``on``: guided APG rows."""
-        rows = self.rows
-        d_c = (x - s1a * eps_c) / sa
-        d_u = (x - s1a * eps_u) / sa
+        rows, (to_x0, from_x0) = self.rows, space
+        d_c = to_x0(eps_c)
+        d_u = to_x0(eps_u)
         if self.momentum is None:
             self.momentum = torch.zeros_like(x)
         # m ← Δ + β·m, only at a row's guided steps; reset per run (a new denoiser).
@@ -254,7 +280,7 @@ class GuidedDenoiser:
         delta = m * torch.minimum(torch.ones_like(norm), bcast(rows.r, x) / norm.clamp_min(1e-12))
         par = (_dot(delta, d_c) / _dot(d_c, d_c).clamp_min(1e-12)) * d_c
         d_hat = d_c + wb * ((delta - par) + bcast(rows.apg_eta, x) * par)
-        return torch.where(on, (x - sa * d_hat) / s1a, eps_c)
+        return torch.where(on, from_x0(d_hat), eps_c)
 
     def _process(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Clipping / dynamic thresholding of x̂0 per row; (x̂0, rows changed (B,1,1,1) or None)."""

@@ -42,7 +42,11 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "trailing", alphas_cumprod
         if alphas_cumprod is None:
             raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
         ab = np.asarray(alphas_cumprod, dtype=np.float64)
-        lam = 0.5 * np.log(ab / (1 - ab))  # rises as t falls
+        with np.errstate(divide="ignore"):
+            lam = 0.5 * np.log(ab / (1 - ab))  # rises as t falls
+        if T > 1 and not np.isfinite(lam[-1]):
+            # Zero terminal SNR: λ_T = −∞. Spread from λ_{T−1}, keeping T the first step.
+            lam[-1] = lam[-2] - 1e-9
         out: list[int] = []
         for i, v in enumerate(np.linspace(lam[-1], lam[0], steps)):
             t = int(np.argmin(np.abs(lam - v))) + 1
@@ -110,7 +114,10 @@ def dpm_solver_pp_2m(denoise: Denoise, schedule: Schedule, ts: list[int], x: tor
     ab = schedule.alphas_cumprod
     alpha = [math.sqrt(float(ab[t - 1])) for t in ts] + [1.0]
     sigma = [math.sqrt(1 - float(ab[t - 1])) for t in ts] + [0.0]
-    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    # λ = ±∞ at the ends: σ = 0 after the last step, α = 0 at t = T with zero terminal SNR
+    # (then h = ∞ and the first step lands on σ_next·x_T + α_next·x̂0: DDIM's step).
+    lam = [math.log(a / s) if s > 0 and a > 0 else (math.inf if s == 0 else -math.inf)
+           for a, s in zip(alpha, sigma)]
     n = len(ts)
     prev, h_prev = None, None
     for i, t in enumerate(ts):

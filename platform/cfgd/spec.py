@@ -1,4 +1,5 @@
-"""What a model is, without torch: its size registry, its spec, the null label, the noise schedules.
+"""What a model is, without torch: its size registry, its spec, the null label, the noise schedules
+and parameterisations.
 
 Config validation, checkpoint metadata and request checks need these names and bounds
 before any network exists; keeping them here (no torch import) lets ``cfgd.config``
@@ -11,6 +12,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 SCHEDULES = ("linear", "cosine")  # cfgd.diffusion.make_schedule builds them
+# What the network predicts (cfgd.diffusion.as_eps_fn turns each into ε for the sampler):
+# eps = the noise ε; v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022); x0 = the clean image.
+PARAMETERIZATIONS = ("eps", "v", "x0")
+# Per-timestep loss weights: uniform, or min-SNR-γ (Hang et al. 2023; cfgd.diffusion.loss_weights).
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 # Bounds on a spec read from a checkpoint, checked before anything is allocated: a
 # meta.json claiming num_classes=10**9 must be refused, not run out of memory.

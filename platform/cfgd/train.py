@@ -127,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     net = ray.train.torch.prepare_model(model)  # DDP when world > 1
     if tc.compile:
         net = torch.compile(net)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.zero_terminal_snr)
     null = spec.null_label
     # Per-rank stream, offset by the step so a resumed run does not replay the same noise.
     gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + rank * 7919 + step)
@@ -161,7 +161,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for group in opt.param_groups:
                 group["lr"] = _lr(tc, step)
             with autocast:
-                loss = training_loss(net, schedule, x0, y, gen)
+                loss = training_loss(net, schedule, x0, y, gen, cfg.diffusion.parameterization,
+                                     tc.loss_weighting, tc.min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
