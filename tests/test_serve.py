@@ -473,6 +473,12 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     st = requests.get(f"{server['url']}/bulk/{third['job_id']}", timeout=30).json()
     assert st["state"] == "cancelled" and st["done_shards"] < st["total_shards"]
     assert requests.delete(f"{server['url']}/bulk/0123456789abcdef", timeout=30).status_code == 404
+    # Identical POSTs at once: one job, started once.
+    twin = {**body, "destination": "job4", "counts": 8}
+    with cf.ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: _post(server, "/bulk", twin), range(2))
+    assert a.status_code == b.status_code == 202 and a.json()["job_id"] == b.json()["job_id"]
+    assert _wait_job(server, a.json()["job_id"])["done_images"] == 32
 
 
 def test_a_killed_sampler_replica_costs_503s_not_500s(server, ray_local):

@@ -270,3 +270,21 @@ def test_server_restart_keeps_data(s3, opts):
     assert s3.endpoint_url == endpoint
     # The cached client reconnects on its own.
     assert storage.read_bytes(uri, opts) == b"kept"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_create_exclusive_lets_exactly_one_racing_writer_win(where, tmp_path, request):
+    import concurrent.futures as cf
+
+    if where == "s3":
+        s3 = request.getfixturevalue("s3")
+        uri, opts = "s3://cfgd-test/exclusive/manifest.json", s3.storage_options()
+    else:
+        uri, opts = str(tmp_path / "d" / "manifest.json"), None
+    with cf.ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_exclusive(uri, f"writer {i}".encode(), opts), range(8)))
+    assert won.count(True) == 1
+    assert storage.read_bytes(uri, opts) == f"writer {won.index(True)}".encode()
+    assert storage.create_exclusive(uri, b"late", opts) is False
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json"]  # no temporary left

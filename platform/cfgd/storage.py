@@ -508,6 +508,41 @@ def write_bytes_atomic(uri: str, data: bytes, opts: StorageOptions | None = None
         raise
 
 
+def create_exclusive(uri: str, data: bytes, opts: StorageOptions | None = None) -> bool:
+    """Write ``data`` only if nothing exists at ``uri``, atomically; False if something does.
+
+    S3: a conditional PUT (``If-None-Match: *``), so two writers racing for one name
+    cannot both win. Locally: the full file is staged, then hard-linked into place
+    (``link`` fails if the name exists).
+    """
+    if is_remote(uri):
+        fs = fsspec_fs(uri, opts)
+        try:
+            with_retries(lambda: fs.pipe_file(arrow_path(uri), data, IfNoneMatch="*"), what=f"create {uri}")
+        except OSError as err:
+            ce = _client_error(err)
+            if (ce and (ce[1] == 412 or ce[0] in ("PreconditionFailed", "ConditionalRequestConflict"))) or \
+                    "pre-condition" in str(err).lower() or "precondition" in str(err).lower():
+                return False
+            raise
+        return True
+    path = arrow_path(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     """The whole content of one file or object."""
     if is_remote(uri):

@@ -259,8 +259,9 @@ def read_job(output_prefix: str, job_id: str, opts: StorageOptions | None) -> Bu
 
 
 def prepare_destination(plan: BulkPlan, output_prefix: str, opts: StorageOptions | None) -> set[int]:
-    """Write the job manifest (or check that the one there is this job's) and return the
-    shards already done. A different job in the same destination is a 409."""
+    """Create the job manifest, conditionally (two servers racing for one destination cannot
+    both claim it), or check that the one there is this job's; return the shards already
+    done. A different job in the same destination is a 409."""
     uri = f"{plan.destination}/{MANIFEST}"
     try:
         old = json.loads(storage.read_bytes(uri, opts))
@@ -269,12 +270,12 @@ def prepare_destination(plan: BulkPlan, output_prefix: str, opts: StorageOptions
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(409, "destination", f"{uri} is not a readable job manifest; choose another "
                                                "destination or remove it") from None
+    if old is None and not storage.create_exclusive(uri, json.dumps(plan.manifest(), indent=2).encode(), opts):
+        old = json.loads(storage.read_bytes(uri, opts))  # another server created it first
     if old is not None and old.get("plan") != plan.to_dict():
         changed = sorted(k for k, v in plan.to_dict().items() if old.get("plan", {}).get(k) != v)
         raise RequestError(409, "destination", f"{plan.destination} already holds a different bulk job "
                                                f"(differs in {changed}); choose another destination")
-    if old is None:
-        storage.write_bytes_atomic(uri, json.dumps(plan.manifest(), indent=2).encode(), opts)
     storage.write_bytes_atomic(index_uri(output_prefix, plan.job_id),
                                json.dumps({"destination": plan.destination}).encode(), opts)
     return {k for k in existing_shards(plan.destination, opts) if k < plan.total_shards}
