@@ -443,9 +443,9 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     dest = "s3://cfgd-test/bulk/job2"
     fs = storage.fsspec_fs(dest, opts)
     fs.pipe_file(storage.arrow_path(dest) + "/shard-00000.parquet/not-a-shard", b"x")  # a directory, not a shard
-    body = {"destination": "job2", "classes": [1, 2], "counts": 64, "w": [0.0, 1.0], "seed": 5000, "steps": 20}
+    body = {"destination": "job2", "classes": [1, 2], "counts": 16, "w": [0.0, 1.0], "seed": 5000, "steps": 20}
     first = _post(server, "/bulk", body).json()
-    assert first["state"] == "running" and first["skipped_shards"] == 0 and first["total_shards"] == 16
+    assert first["state"] == "running" and first["skipped_shards"] == 0 and first["total_shards"] == 4
     inner = _post(server, "/bulk", {**body, "destination": "job2/inner"})
     assert inner.status_code == 409 and "overlaps" in inner.json()["detail"]
 
@@ -464,9 +464,9 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     assert _wait_job(server, again["job_id"])["state"] == "done"
     files = sorted({f for f in _shard_files(fs, dest) if fs.info(f)["type"] == "file"})
     seeds = sorted(s for f in files for s in pq.read_table(f, filesystem=fs).column("seed").to_pylist())
-    assert seeds == list(range(5000, 5256))  # no row missing, none twice
+    assert seeds == list(range(5000, 5064))  # no row missing, none twice
 
-    third = _post(server, "/bulk", {**body, "destination": "job3", "counts": 128}).json()
+    third = _post(server, "/bulk", {**body, "destination": "job3", "counts": 64}).json()
     cancelled = requests.delete(f"{server['url']}/bulk/{third['job_id']}", timeout=30)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     time.sleep(2)
@@ -474,11 +474,11 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     assert st["state"] == "cancelled" and st["done_shards"] < st["total_shards"]
     assert requests.delete(f"{server['url']}/bulk/0123456789abcdef", timeout=30).status_code == 404
     # Identical POSTs at once: one job, started once.
-    twin = {**body, "destination": "job4", "counts": 8}
+    twin = {**body, "destination": "job4", "counts": 4, "steps": 5}
     with cf.ThreadPoolExecutor(2) as pool:
         a, b = pool.map(lambda _: _post(server, "/bulk", twin), range(2))
     assert a.status_code == b.status_code == 202 and a.json()["job_id"] == b.json()["job_id"]
-    assert _wait_job(server, a.json()["job_id"])["done_images"] == 32
+    assert _wait_job(server, a.json()["job_id"])["done_images"] == 16
 
 
 def test_a_killed_sampler_replica_costs_503s_not_500s(server, ray_local):
