@@ -90,23 +90,22 @@ class Checkpoint:
                                   f"expected an int in [1, {MAX_TIMESTEPS}]")
         return T
 
+    def _diffusion_choice(self, key: str, valid, default=None) -> str:
+        """A diffusion setting of the checkpoint's config, refused unless one of ``valid``."""
+        value = self._diffusion.get(key, default)
+        if value not in valid:
+            raise CheckpointError(f"checkpoint {self.path} is refused: {key} {value!r}, expected one of {list(valid)}")
+        return value
+
     @property
     def schedule_name(self) -> str:
-        name = self._diffusion.get("schedule")
-        if name not in SCHEDULES:
-            raise CheckpointError(f"checkpoint {self.path} is refused: noise schedule {name!r}, "
-                                  f"expected one of {list(SCHEDULES)}")
-        return name
+        return self._diffusion_choice("schedule", SCHEDULES)
 
     @property
     def parameterization(self) -> str:
         """What the network predicts (cfgd.spec.PARAMETERIZATIONS); "eps" for checkpoints
         written before the key existed."""
-        name = self._diffusion.get("parameterization", "eps")
-        if name not in PARAMETERIZATIONS:
-            raise CheckpointError(f"checkpoint {self.path} is refused: parameterization {name!r}, "
-                                  f"expected one of {list(PARAMETERIZATIONS)}")
-        return name
+        return self._diffusion_choice("parameterization", PARAMETERIZATIONS, "eps")
 
     @property
     def zero_terminal_snr(self) -> bool:
