@@ -23,10 +23,17 @@ SECTION = "Running on a Ray cluster"
 README_DASHBOARD = "127.0.0.1:8265"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets stay bound until all are chosen (one at a time,
+    the kernel may hand out the same port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _cluster_processes(ray_dir: str) -> list[str]:
@@ -44,9 +51,10 @@ def cluster():
     assert cmds[0] == "bash scripts/cluster.sh up" and cmds[-1] == "bash scripts/cluster.sh down", cmds
     # Short: the session's socket paths must stay under the 107-byte AF_UNIX limit.
     ray_dir = tempfile.mkdtemp(prefix="cfgd-ray-", dir="/tmp")
-    dashboard = f"127.0.0.1:{_free_port()}"
+    gcs_port, dashboard_port = _free_ports(2)
+    dashboard = f"127.0.0.1:{dashboard_port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh terminal's
-    env.update(CFGD_RAY_PORT=str(_free_port()), CFGD_DASHBOARD_PORT=dashboard.rsplit(":", 1)[1],
+    env.update(CFGD_RAY_PORT=str(gcs_port), CFGD_DASHBOARD_PORT=str(dashboard_port),
                CFGD_RAY_DIR=ray_dir)
     shell = readme.Shell(env)
     up = shell.run(cmds[0], timeout=300)

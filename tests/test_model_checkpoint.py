@@ -19,6 +19,7 @@ from cfgd.spec import null_label
 from cfgd.model import MODEL_SIZES, ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
+from tinynet import tiny_net
 
 
 def _plan(ws, steps=10, eta=0.0, intervals=None, clip=True):
@@ -29,14 +30,7 @@ def _plan(ws, steps=10, eta=0.0, intervals=None, clip=True):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
-    # Zero-initialised output layers make a fresh net predict 0 everywhere; perturb every
-    # parameter so that labels and timesteps change the output, as in a trained net.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_net(0)
 
 
 @pytest.mark.parametrize("size,image_size,channels", [("tiny", 28, 1), ("small", 32, 3), ("tiny", 64, 3),

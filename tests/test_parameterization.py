@@ -21,6 +21,7 @@ from cfgd.guidance import GuidedDenoiser
 from cfgd.model import ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling import sample
+from tinynet import tiny_net
 
 NULL = 10
 SHAPE = (1, 2, 2)
@@ -272,12 +273,7 @@ def test_tiny_model_overfits_one_batch(param, weighting, zts):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_net(0)
 
 
 def _save(tmp_path, model, config):

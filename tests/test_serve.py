@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import requests
-import torch
 
 import readme
 from cfgd import serving, storage
@@ -26,7 +25,7 @@ from cfgd.checkpoint import write_checkpoint
 from cfgd.config import Config, to_dict
 from cfgd.images import decode_png
 from cfgd.sources import FASHION_MNIST_CLASSES
-from cfgd.model import ModelSpec, build_model
+from tinynet import tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,12 +39,7 @@ BULK_PREFIX = "s3://cfgd-test/bulk/"
 
 
 def _tiny_checkpoint(directory: Path, seed: int) -> str:
-    torch.manual_seed(seed)
-    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
-    # A fresh net's zero output layer ignores labels: perturb every weight (a "trained" net).
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = tiny_net(seed)
     config = to_dict(Config())
     config["diffusion"]["timesteps"] = T
     path = write_checkpoint(directory, model_state=model.state_dict(), ema_state=model.state_dict(),

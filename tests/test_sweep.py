@@ -5,16 +5,15 @@ import numpy as np
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from cfgd.checkpoint import write_checkpoint
 from cfgd.config import ConfigError, load_config, to_dict
 from cfgd.generate import Generator
 from cfgd.images import decode_png, to_uint8
-from cfgd.model import ModelSpec, build_model
 from cfgd.plan import Guidance, SamplingPlan, Solver
 from cfgd.sweep import SweepConfig, rows_per_image, run_sweep, sweep_axes
+from tinynet import tiny_net
 from test_evaluate import make_digits_shards, make_tiny_evaluator
 
 
@@ -23,11 +22,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     digits = make_digits_shards(root / "digits")
     evaluator = make_tiny_evaluator(digits, root / "evaluator", steps=40)
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
-    with torch.no_grad():  # a fresh net predicts 0 (zero-init outputs): make labels matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = tiny_net(0)
     cfg = load_config(None, ["diffusion.timesteps=100", f"data.root={digits}"])
     ckpt = write_checkpoint(root / "run" / "checkpoint_a", model_state=model.state_dict(),
                             ema_state=model.state_dict(), optimizer_state=None, spec=model.spec,

@@ -163,15 +163,15 @@ def verify(directory: str | Path, kind: str, required: Sequence[str], legacy_kin
 
 def fetch(uri: str, kind: str, required: Sequence[str], opts: StorageOptions | None = None,
           meta_bytes: bytes | None = None, legacy_kind: bool = False,
-          max_bytes: int = MAX_FETCH_BYTES) -> Path:
-    """A verified local directory for the artifact at ``uri`` (path or ``s3://``).
+          max_bytes: int = MAX_FETCH_BYTES) -> tuple[Path, dict[str, Any]]:
+    """A verified local directory for the artifact at ``uri`` (path or ``s3://``), and its
+    meta.json (verified once here: callers need not hash the files again).
 
     Local paths are verified in place. Remote ones go through the private cache (see the
     module docstring). ``meta_bytes``: the remote meta.json, if the caller read it already.
     """
     if not storage.is_remote(uri):
-        verify(uri, kind, required, legacy_kind)
-        return Path(uri)
+        return Path(uri), verify(uri, kind, required, legacy_kind)
     uri = uri.rstrip("/")
     raw = meta_bytes if meta_bytes is not None else storage.read_bytes(f"{uri}/{META}", opts)
     meta = parse_meta(raw, uri, kind, legacy_kind)
@@ -182,8 +182,7 @@ def fetch(uri: str, kind: str, required: Sequence[str], opts: StorageOptions | N
     root = cache_root()
     local = root / hashlib.sha256(raw).hexdigest()[:32]
     try:
-        verify(local, kind, required, legacy_kind)
-        return local  # cached and intact
+        return local, verify(local, kind, required, legacy_kind)  # cached and intact
     except ArtifactError:
         shutil.rmtree(local, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
@@ -193,7 +192,7 @@ def fetch(uri: str, kind: str, required: Sequence[str], opts: StorageOptions | N
         rpaths = [storage.arrow_path(f"{uri}/{n}") for n in names]
         storage.with_retries(lambda: fs.get(rpaths, [str(tmp / n) for n in names]), what=f"download {uri}")
         (tmp / META).write_bytes(raw)
-        verify(tmp, kind, required, legacy_kind)
+        verified = verify(tmp, kind, required, legacy_kind)
         try:
             os.replace(tmp, local)
         except OSError:  # another process filled the entry first: use theirs
@@ -201,4 +200,4 @@ def fetch(uri: str, kind: str, required: Sequence[str], opts: StorageOptions | N
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return local
+    return local, verified  # the same digest: the same files, whoever renamed them in

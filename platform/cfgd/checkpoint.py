@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ class Checkpoint:
         self.spec  # noqa: B018 (raises on an unusable spec)
         self.schedule_name, self.timesteps, self.parameterization, self.zero_terminal_snr  # noqa: B018
 
-    @property
+    @cached_property  # read (and bounded) once: callers ask for it per request and per batch
     def spec(self) -> ModelSpec:
         try:
             return ModelSpec.from_dict(self.meta.get("model"))
@@ -117,7 +118,11 @@ class Checkpoint:
         return flag
 
     def schedule(self) -> Schedule:
-        """The noise schedule the model was trained with."""
+        """The noise schedule the model was trained with (built once per checkpoint)."""
+        return self._schedule
+
+    @cached_property
+    def _schedule(self) -> Schedule:
         return make_schedule(self.schedule_name, self.timesteps, self.zero_terminal_snr)
 
     def weights_sha256(self, ema: bool = True) -> str:
@@ -247,7 +252,7 @@ def fetch_checkpoint(uri: str, opts: "storage.StorageOptions | None" = None) -> 
     for _, p, raw in sorted(candidates, key=lambda c: (c[0], c[1]), reverse=True):
         try:
             return artifact.fetch("s3://" + p[: -len(META) - 1], KIND, WEIGHTS, opts, meta_bytes=raw,
-                                  legacy_kind=_LEGACY)
+                                  legacy_kind=_LEGACY)[0]
         except CheckpointError:
             continue
     raise CheckpointError(f"no complete checkpoint found at or under {uri}")

@@ -175,8 +175,7 @@ class Evaluator:
     @classmethod
     def load(cls, uri: str | Path, storage_options: StorageOptions | None = None) -> "Evaluator":
         """An evaluator checkpoint directory, local or ``s3://`` (downloaded to a cache and verified)."""
-        local = artifact.fetch(str(uri), KIND, [WEIGHTS], storage_options)
-        meta = artifact.verify(local, KIND, [WEIGHTS])
+        local, meta = artifact.fetch(str(uri), KIND, [WEIGHTS], storage_options)
         a = meta["arch"]
         net = EvalNet(a["in_channels"], a["num_classes"], a["widths"], a["feature_dim"])
         net.load_state_dict(load_file(local / WEIGHTS))

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+
 from cfgd.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.config import SampleConfig
 from cfgd.diffusion import EpsFn, as_eps_fn
@@ -199,8 +200,6 @@ class Generator:
                                plan.select(lo, hi), null_label=self.checkpoint.null_label, guides=guide_fns,
                                device=self.device, progress=progress).cpu())
         return torch.cat(outs)
-
-
 
 
 def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], device: str = "cpu",

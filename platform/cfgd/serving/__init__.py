@@ -28,4 +28,10 @@ from cfgd.serving.schemas import (MAX_SEED, BulkRequest, GenerateRequest, Reques
                                   validation_message)
 from cfgd.serving.settings import ServeSettings, settings_from_args
 
-__all__ = ["Guard", "configured_tokens", "startup_message", "sampling_failure", "SampleSpec", "render", "sample_specs", "to_http_json", "MANIFEST", "BulkPlan", "existing_shards", "job_id_for", "prepare_destination", "resolve_destination", "run_shard", "STATE_NAMESPACE", "ServeState", "state_actor", "state_actor_name", "ModelCache", "load_generator", "SamplerCore", "MAX_SEED", "BulkRequest", "GenerateRequest", "RequestError", "refused", "validation_message", "ServeSettings", "settings_from_args"]
+__all__ = [
+    "Guard", "configured_tokens", "startup_message", "sampling_failure", "SampleSpec", "render",
+    "sample_specs", "to_http_json", "MANIFEST", "BulkPlan", "existing_shards", "job_id_for",
+    "prepare_destination", "resolve_destination", "run_shard", "STATE_NAMESPACE", "ServeState", "state_actor",
+    "state_actor_name", "ModelCache", "load_generator", "SamplerCore", "MAX_SEED", "BulkRequest",
+    "GenerateRequest", "RequestError", "refused", "validation_message", "ServeSettings", "settings_from_args",
+]

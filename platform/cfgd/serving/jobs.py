@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from cfgd.serving.bulk import MANIFEST, BulkPlan, prepare_destination, run_shard
-from cfgd.serving.schemas import RequestError
+from cfgd.serving.schemas import RequestError, short_error
 from cfgd.storage import StorageError, StorageOptions
 
 STATE_NAMESPACE = "cfgd"
@@ -70,12 +70,6 @@ def _overlaps(a: str, b: str) -> bool:
     """One destination inside (or equal to) the other, by whole path segments."""
     a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
     return a.startswith(b) or b.startswith(a)
-
-
-def _short_error(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = f"{type(cause).__name__}: {cause}"
-    return text if len(text) <= 500 else text[:500] + "…"
 
 
 class ServeState:
@@ -149,7 +143,7 @@ class ServeState:
             job.finish(shard, rows=result["rows"])
         except Exception as exc:  # noqa: BLE001 - reported in the job status
             if not job.cancelled:
-                job.finish(shard, error=_short_error(exc))
+                job.finish(shard, error=short_error(exc, limit=500))
 
     def _prune(self) -> None:
         finished = sorted((j.finished, jid) for jid, j in self.jobs.items()

@@ -15,7 +15,7 @@ from cfgd.plan import Guidance, PlanError, SamplingPlan, Solver, from_fields, st
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.models import ModelCache
-from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse
+from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
 
@@ -68,12 +68,6 @@ def _check_steps(steps: int | None, s: ServeSettings, T: int) -> int:
         raise RequestError(422, "steps", f"steps {steps} is outside [1, {limit}] "
                                          f"(max_steps {s.max_steps}, checkpoint T {T})")
     return steps
-
-
-def _reason(err: BaseException) -> str:
-    """A load failure, short: the exception type and its first line."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 class SamplerCore:
@@ -142,7 +136,7 @@ class SamplerCore:
         try:
             return name, cache.get(s.checkpoints[name]), s
         except Exception as err:  # noqa: BLE001 - any load failure: this checkpoint is unavailable
-            raise RequestError(503, "checkpoint", f"checkpoint {name!r} cannot be loaded: {_reason(err)}") from None
+            raise RequestError(503, "checkpoint", f"checkpoint {name!r} cannot be loaded: {short_error(err)}") from None
 
     # --- /generate
 

@@ -41,10 +41,18 @@ class RequestError(Exception):
         return {"refused": {"status": self.status, **self.to_json()}}
 
 
+def short_error(err: BaseException, limit: int = 300) -> str:
+    """An error for a response or a job status: its type and first line, bounded (a Ray
+    task error is shown as the exception it wraps)."""
+    err = getattr(err, "cause", None) or err
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def sampling_failure(err: Exception) -> RequestError:
     """The refusal of a request whose own sampling raised: 422 when its input caused it
     (a value the network or solver cannot take), else 503 (try again)."""
-    text = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    text = short_error(err)
     if isinstance(err, (ValueError, ArithmeticError)):
         return RequestError(422, "body", f"this request could not be sampled: {text}")
     return RequestError(503, "body", f"sampling failed, try again: {text}")
