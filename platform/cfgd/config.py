@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
-from cfgd.plan import Guidance, PlanError, Solver, from_fields, strength_columns
+from cfgd.plan import W_RANGE, Guidance, PlanError, Solver, from_fields, strength_columns
 from cfgd.sources import SOURCES
 from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
 from cfgd.storage import StorageOptions
@@ -76,7 +76,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
     min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
-    keep_best_by: str = ""  # "" = keep the newest; "loss" = keep the lowest-loss ones (Ray always keeps the newest too)
+    keep_best_by: str = ""  # "" = keep the newest; "loss" / "fid" = the lowest (Ray always keeps the newest too)
+    # Evaluation during training (cfgd.train_eval): a Ray task next to the workers scores
+    # checkpoints with the dataset's evaluator (jobs/train_evaluator.py) as a sweep would.
+    eval_every: int = 0  # evaluate every N steps (a multiple of checkpoint_every) and the last; 0 = off
+    evaluator: str = ""  # the evaluator artifact (path or s3://); required when eval_every > 0
+    eval_w: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0])  # guidance strengths scored
+    eval_samples: int = 200  # samples per w (classes in turn, the sweep's seeds)
+    eval_steps: int = 20  # DDIM steps of those samples
+    eval_cpus: float = 0.5  # CPUs of the evaluation task (it runs beside the workers)
+    eval_timeout_s: float = 3600.0  # an evaluation still running after this is cancelled (the run goes on)
     compile: bool = False  # torch.compile the network (helps on GPU)
     max_failures: int = 0
     log_every: int = 50
@@ -155,7 +164,22 @@ def validate(cfg: Config) -> Config:
         Rule("train.checkpoint_every", tr.checkpoint_every, tr.checkpoint_every >= 1, ">= 1"),
         Rule("train.keep_checkpoints", tr.keep_checkpoints, tr.keep_checkpoints >= 1, ">= 1"),
         Rule("train.ema_decay", tr.ema_decay, 0.0 <= tr.ema_decay < 1.0, "in [0, 1)"),
-        one_of("train.keep_best_by", tr.keep_best_by, ("", "loss")),
+        one_of("train.keep_best_by", tr.keep_best_by, ("", "loss", "fid")),
+        Rule("train.eval_every", tr.eval_every, tr.eval_every >= 0, ">= 0 (0 = no evaluation during training)"),
+        Rule("train.eval_every", tr.eval_every, tr.eval_every % tr.checkpoint_every == 0,
+             f"a multiple of train.checkpoint_every ({tr.checkpoint_every}): evaluations score checkpoints"),
+        Rule("train.keep_best_by", tr.keep_best_by, tr.keep_best_by != "fid" or tr.eval_every > 0,
+             "'' or 'loss' while train.eval_every = 0 ('fid' comes from evaluation during training: "
+             "set train.eval_every and train.evaluator)"),
+        Rule("train.evaluator", tr.evaluator, tr.eval_every == 0 or bool(tr.evaluator),
+             "an evaluator directory (path or s3://, from jobs/train_evaluator.py) when train.eval_every > 0"),
+        Rule("train.eval_w", tr.eval_w, len(tr.eval_w) >= 1 and all(W_RANGE[0] <= w <= W_RANGE[1] for w in tr.eval_w),
+             f"a non-empty list of guidance strengths in [{W_RANGE[0]:g}, {W_RANGE[1]:g}]"),
+        Rule("train.eval_samples", tr.eval_samples, 2 <= tr.eval_samples <= 50_000, "in [2, 50000]"),
+        Rule("train.eval_steps", tr.eval_steps, 1 <= tr.eval_steps <= t.timesteps,
+             f"in [1, diffusion.timesteps ({t.timesteps})]"),
+        Rule("train.eval_cpus", tr.eval_cpus, tr.eval_cpus > 0, "> 0"),
+        Rule("train.eval_timeout_s", tr.eval_timeout_s, tr.eval_timeout_s > 0, "> 0"),
         Rule("data.rows_per_shard", d.rows_per_shard, d.rows_per_shard >= 1, ">= 1"),
         Rule("sample.per_cell", cfg.sample.per_cell, cfg.sample.per_cell >= 1, ">= 1"),
         Rule("sample.batch_size", cfg.sample.batch_size, cfg.sample.batch_size >= 1, ">= 1"),

@@ -358,6 +358,13 @@ class RealSplit:
         a, b = perm[:half], perm[half:]
         return cls(emb.take(a), np.asarray(labels)[a], emb.take(b))
 
+    @classmethod
+    def load(cls, evaluator: "Evaluator", data_root: str, split: str = "test",
+             storage_options: StorageOptions | None = None, seed: int = 0) -> "RealSplit":
+        """The real ``<data_root>/<split>`` embedded by ``evaluator`` and cut in two (see of)."""
+        images, labels, _ = load_split(data_root, split, storage_options)
+        return cls.of(evaluator.embed(images), labels, seed=seed)
+
     def pr_reference(self, n: int) -> Embedding:
         """The first n reference rows (already shuffled): a size-matched set for precision/recall."""
         return self.reference.take(slice(0, min(n, len(self.reference))))

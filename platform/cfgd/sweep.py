@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 from cfgd import storage
 from cfgd.checkpoint import fetch_checkpoint, read_checkpoint
 from cfgd.config import ConfigError, masked
-from cfgd.dataset import load_split
 from cfgd.evaluate import Evaluator, RealSplit, compute_metrics
 from cfgd.fid_inception import InceptionFID, sweep_fid_inception
 from cfgd.generate import Generator
@@ -264,9 +263,8 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
     log(f"[cfgd.sweep] {len(points)} grid points ({len(done)} already done) × {cfg.samples_per_w} samples → {out_uri}")
 
     if missing or need_floor:
-        real_x, real_y, _ = load_split(data_root, cfg.real_split, opts)
-        real = RealSplit.of(evaluator.embed(real_x), real_y, seed=cfg.seed)
-        log(f"[cfgd.sweep] real {data_root}/{cfg.real_split}: {len(real_y)} images, evaluator "
+        real = RealSplit.load(evaluator, data_root, cfg.real_split, opts, seed=cfg.seed)
+        log(f"[cfgd.sweep] real {data_root}/{cfg.real_split}: {len(real.held_out) + len(real.reference)} images, evaluator "
             f"{cfg.evaluator} (test accuracy {evaluator.test_accuracy:.4f})")
     if need_floor:
         n = min(cfg.samples_per_w, len(real.held_out))

@@ -26,6 +26,7 @@ import torch
 from cfgd import config as cfglib
 from cfgd import resume as resumelib
 from cfgd import storage
+from cfgd import train_eval
 from cfgd.checkpoint import Checkpoint, write_checkpoint
 from cfgd.diffusion import drop_labels, make_schedule, training_loss
 from cfgd.model import build_model, count_params
@@ -178,7 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 dt = time.perf_counter() - window_t0
                 if rank == 0:
                     _log(f"step {step}/{tc.steps} epoch {epoch} loss {float(window_loss) / window_n:.4f} "
-                         f"{window_n * tc.batch_size / dt:.1f} samples/s ETA {_eta((tc.steps - step) * dt / window_n)}")
+                         f"{window_n * tc.batch_size / dt:.1f} samples/s ETA {_eta((tc.steps - step) * dt / window_n)}"
+                         + (_eval_note(tc) if tc.eval_every else ""))
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 elapsed = time.perf_counter() - steady_t0 if steady_t0 else 0.0
@@ -196,16 +198,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             epoch += 1
 
 
+def _evaluated(tc: cfglib.TrainConfig, step: int) -> bool:
+    """Whether the checkpoint at ``step`` is scored during training (cfgd.train_eval)."""
+    return tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.steps)
+
+
+def _eval_note(tc: cfglib.TrainConfig) -> str:
+    """The newest evaluation, for the progress line ("" when none has finished yet)."""
+    import ray.train
+
+    try:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=5)
+    except Exception:  # noqa: BLE001 - a progress line never stops training
+        return ""
+    return train_eval.progress_note(train_eval.latest(reported), tc.eval_w)
+
+
 def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) -> None:
     """ray.train.report on every rank (it is a collective); rank 0 attaches the checkpoint.
 
-    ``perf`` (throughput, peak memory of this worker) goes into the metrics only.
+    ``perf`` (throughput, peak memory of this worker) goes into the metrics only. A
+    checkpoint to evaluate is reported with ``validation=True``: Ray Train scores it in
+    a task of its own (cfgd.train_eval) and merges the metrics in later; until then its
+    ``fid`` is +inf, the worst, so ``keep_best_by=fid`` never keeps it for a score it
+    does not have.
     """
     import ray.train
 
     metrics = {"step": step, "epoch": epoch, "loss": loss, **perf}
+    unscored = {"fid": float("inf")} if cfg.train.eval_every else {}  # not in meta.json: JSON has no inf
     if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
+        ray.train.report({**metrics, **unscored})
         return
     with tempfile.TemporaryDirectory() as tmp:
         # The metrics go into meta.json too, so that a checkpoint Ray Train did not get to
@@ -215,8 +239,9 @@ def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) ->
             optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
             step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)),
             extra={**extra, "metrics": metrics})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-    _log(f"checkpoint at step {step}")
+        ray.train.report({**metrics, **unscored}, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         validation=_evaluated(cfg.train, step))
+    _log(f"checkpoint at step {step}" + (" (evaluating)" if _evaluated(cfg.train, step) else ""))
 
 
 def _recorded_paths() -> set[str]:
@@ -262,7 +287,9 @@ def _resume_point(rank: int, world: int) -> Checkpoint | None:
     path, recorded = choice[0]
     ck = point.checkpoint if rank == 0 else resumelib.load(fs, path)
     if not recorded:
-        metrics = {"loss": float("inf"), **ck.meta.get("metrics", {}), "step": ck.step, "adopted": True}
+        # An adopted checkpoint was never evaluated: the worst FID until it is.
+        metrics = {"loss": float("inf"), "fid": float("inf"), **ck.meta.get("metrics", {}), "step": ck.step,
+                   "adopted": True}
         if rank == 0:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint(path, filesystem=fs),
                              checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
@@ -281,6 +308,39 @@ def _summary(metrics: dict[str, Any]) -> str:
     parts = {"step": "step {:d}", "loss": "loss {:.4f}", "samples_per_s": "{:.1f} samples/s",
              "peak_rss_mib": "peak RSS {:.0f} MiB"}
     return ", ".join(fmt.format(metrics[k]) for k, fmt in parts.items() if k in metrics) or "no metrics"
+
+
+def _validation_config(cfg: cfglib.Config, out: str, ray):
+    """Ray Train's ValidationConfig running cfgd.train_eval on the evaluated checkpoints.
+
+    Refuses a cluster too small to run the evaluation task beside the workers: Ray
+    Train waits for pending evaluations before it returns, so a task that can never be
+    scheduled would hang the run at its end.
+    """
+    from ray.train import ValidationConfig, ValidationTaskConfig
+
+    tc = cfg.train
+    need = tc.num_workers * tc.cpus_per_worker + tc.eval_cpus
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise cfglib.ConfigError(
+            f"train.eval_cpus={tc.eval_cpus:g} does not fit beside {tc.num_workers} worker(s) of "
+            f"train.cpus_per_worker={tc.cpus_per_worker:g}: that is {need:g} CPUs and the cluster has {have:g}")
+    _log(f"evaluating checkpoints every {tc.eval_every} steps and the last: {tc.eval_samples} samples "
+         f"at w {list(tc.eval_w)}, {tc.eval_steps} DDIM steps, evaluator {tc.evaluator}")
+    return ValidationConfig(fn=train_eval.from_config(cfg, out),
+                            task_config=ValidationTaskConfig(timeout_s=tc.eval_timeout_s),
+                            ray_remote_kwargs={"num_cpus": tc.eval_cpus})
+
+
+def _eval_summary(result, out: str, opts) -> None:
+    """The best evaluated checkpoint, and the curve rewritten once every evaluation is in."""
+    scored = [(m["fid"], m, c) for c, m in result.best_checkpoints if math.isfinite(m.get("fid", math.inf))]
+    if scored:
+        fid, m, c = min(scored, key=lambda x: x[0])
+        _log(f"best evaluated checkpoint: step {m['eval_step']}, FID {fid:.2f} at w={m['fid_best_w']:g}: {c.path}")
+    paths = train_eval.write_curve(out, opts)
+    _log(f"evaluation curve: {paths['plot']} (table {paths['table']})")
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:
@@ -318,11 +378,14 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     validate_labels(cfg.data.root, "train", meta, data_fs)
     _log(f"data: {meta.num_rows} rows of {meta.height}x{meta.width}x{meta.channels} in {len(meta.files)} shard(s) "
          f"under {cfg.data.root}; {meta.num_classes} classes: {', '.join(meta.class_names)}")
+    if cfg.train.eval_every:
+        train_eval.check_evaluator(cfg, (meta.channels, meta.height, meta.width), meta.num_classes)
     out = run_uri(cfg.train)
     storage.write_bytes_atomic(out + "/config.yaml", cfglib.to_yaml(cfg).encode(), opts)
     _log(f"run directory: {out}")
 
-    init_ray(cfg.train.ray_address, cfg.train.num_cpus, dashboard=True)
+    ray = init_ray(cfg.train.ray_address, cfg.train.num_cpus, dashboard=True)
+    validation = _validation_config(cfg, out, ray) if cfg.train.eval_every else None
     import ray.data
 
     # Progress bars of the streaming split would interleave with the training log.
@@ -352,12 +415,15 @@ def fit(cfg: cfglib.Config, loop_fn=None):
                 checkpoint_score_attribute=cfg.train.keep_best_by or None,
                 checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        validation_config=validation,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     ck = result.checkpoint
     _log(f"done in {time.perf_counter() - t0:.0f} s; newest checkpoint: {ck.path if ck else None} "
          f"({_summary(result.metrics or {})})")
+    if validation is not None:
+        _eval_summary(result, out, opts)
     if math.isnan(float((result.metrics or {}).get("loss", 0.0))):
         raise RuntimeError("training diverged: the final loss is NaN")
     return result
