@@ -29,7 +29,8 @@ def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_loc
     args = [f"data.root={digits}", f"train.storage_path={runs}", "train.run_name=watched", "train.steps=6",
             "train.checkpoint_every=2", "train.eval_every=2", "train.keep_checkpoints=1", "train.keep_best_by=fid",
             f"train.evaluator={ev.path}", "train.eval_samples=20", "train.eval_steps=4", "train.eval_w=[0,2]",
-            "train.log_every=2", f"train.ray_address={ray_local.get_runtime_context().gcs_address}"]
+            "train.log_every=2", "train.warmup_steps=1", "train.lr=3e-3",
+            f"train.ray_address={ray_local.get_runtime_context().gcs_address}"]
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml"),
                            *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -109,6 +109,17 @@ class CheckpointEval:
 
     def __call__(self, checkpoint, **_: Any) -> dict[str, float]:
         """checkpoint: a ray.train.Checkpoint. Returns the metrics merged into its report."""
+        try:
+            with checkpoint.as_directory() as local:
+                return self.evaluate(local, checkpoint.path)
+        except Exception as err:
+            # Ray Train records the failure (the checkpoint keeps fid = inf) and goes on; say so here.
+            _log(f"evaluation of {checkpoint.path} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            raise
+
+    def evaluate(self, local_dir: str, name: str) -> dict[str, float]:
+        """Score the checkpoint in ``local_dir`` (``name``: its path in storage), store the
+        record, rewrite the curve; returns the flat metrics (fid, fid_w1, accuracy_w0, …)."""
         import torch
 
         from cfgd.generate import Generator
@@ -116,25 +127,24 @@ class CheckpointEval:
         torch.set_num_threads(self.threads)  # Ray sets 1 thread per task; say it deliberately
         t0 = time.perf_counter()
         evaluator, real = _scorer(self.evaluator, self.data_root, self.storage, self.seed)
-        with checkpoint.as_directory() as local:
-            gen = Generator.load(local)
+        gen = Generator.load(local_dir)
         step = gen.checkpoint.step
         per_w = score_generator(gen, evaluator, real, self.w, self.samples, self.steps, self.seed)
         seconds = time.perf_counter() - t0
         rows = [{"step": step, "w": w, **{c: m[c] for c in ("fid", "accuracy", "precision", "recall",
                                                              "inception_score")},
-                 "n_samples": self.samples, "seconds": seconds, "checkpoint": checkpoint.path}
+                 "n_samples": self.samples, "seconds": seconds, "checkpoint": name}
                 for w, m in per_w.items()]
-        record = {"step": step, "rows": rows, "floor": real.floor(self.samples) if self.samples <= len(
-            real.held_out) else None}
+        floor = real.floor(self.samples) if self.samples <= len(real.held_out) else None  # the plot's dotted line
+        record = {"step": step, "rows": rows, "floor": floor}
         self._store(step, record)
         best_w = min(per_w, key=lambda w: per_w[w]["fid"])
         _log(f"step {step}: " + " | ".join(f"w={w:g} FID {m['fid']:.1f} acc {m['accuracy']:.3f}"
                                            for w, m in per_w.items()) + f" ({seconds:.0f} s)")
         metrics = {"fid": per_w[best_w]["fid"], "fid_best_w": best_w, "eval_step": step, "eval_seconds": seconds}
         for w, m in per_w.items():
-            for name in ("fid", "accuracy", "precision", "recall"):
-                metrics[metric_key(name, w)] = m[name]
+            for metric in ("fid", "accuracy", "precision", "recall"):
+                metrics[metric_key(metric, w)] = m[metric]
         return metrics
 
     def _store(self, step: int, record: dict) -> None:
@@ -177,33 +187,37 @@ def _curve_schema():
                       ("n_samples", pa.int64()), ("seconds", pa.float64()), ("checkpoint", pa.string())])
 
 
-def plot_curves(runs: dict[str, list[dict]], floor: dict | None = None, w: float | None = None) -> bytes:
-    """PNG: FID and accuracy against the training step, a line per (run, w); ``w`` keeps one w.
+def plot_curves(runs: dict[str, list[dict]], floor: dict | None = None, fid_w: float | None = None,
+                acc_w: float | None = None) -> bytes:
+    """PNG: FID and accuracy against the training step, a line per (run, w).
 
-    One run: the training curve of eval.png. Several: a convergence comparison.
+    One run, every w: the training curve of eval.png. Several runs at one ``fid_w`` /
+    ``acc_w`` each: a convergence comparison.
     """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend
 
     fig = Figure(figsize=(12, 4.4), layout="constrained")
-    ax_fid, ax_acc = fig.subplots(1, 2)
-    i = 0
-    for name, rows in runs.items():
-        for wv in sorted({r["w"] for r in rows}):
-            if w is not None and wv != w:
-                continue
-            rs = sorted((r for r in rows if r["w"] == wv), key=lambda r: r["step"])
-            label = f"{name} w={wv:g}" if len(runs) > 1 and w is None else (name if w is not None else f"w={wv:g}")
-            steps = [r["step"] for r in rs]
-            ax_fid.plot(steps, [r["fid"] for r in rs], "o-", color=f"C{i % 10}", label=label)
-            ax_acc.plot(steps, [r["accuracy"] for r in rs], "o-", color=f"C{i % 10}", label=label)
-            i += 1
+    axes = dict(zip(("fid", "accuracy"), fig.subplots(1, 2)))
+    for metric, only in (("fid", fid_w), ("accuracy", acc_w)):
+        i = 0
+        for name, rows in runs.items():
+            for w in sorted({r["w"] for r in rows}):
+                if only is not None and w != only:
+                    continue
+                rs = sorted((r for r in rows if r["w"] == w), key=lambda r: r["step"])
+                label = name if only is not None else (f"{name} w={w:g}" if len(runs) > 1 else f"w={w:g}")
+                axes[metric].plot([r["step"] for r in rs], [r[metric] for r in rs], "o-", color=f"C{i % 10}",
+                                  label=label)
+                i += 1
     if floor is not None:
-        ax_fid.axhline(floor["fid"], color="gray", ls=":", label="real vs real (floor)")
-        ax_acc.axhline(floor["accuracy"], color="gray", ls=":", label="real data accuracy")
-    suffix = f" at w = {w:g}" if w is not None else ""
-    ax_fid.set(xlabel="training step", ylabel="FID (evaluator features)", title="FID" + suffix, yscale="log")
-    ax_acc.set(xlabel="training step", ylabel="conditional accuracy", title="accuracy" + suffix, ylim=(0, 1))
-    for ax in (ax_fid, ax_acc):
+        axes["fid"].axhline(floor["fid"], color="gray", ls=":", label="real vs real (floor)")
+        axes["accuracy"].axhline(floor["accuracy"], color="gray", ls=":", label="real data accuracy")
+    at = {m: f" at w = {w:g}" if w is not None else "" for m, w in (("fid", fid_w), ("accuracy", acc_w))}
+    axes["fid"].set(xlabel="training step", ylabel="FID (evaluator features)", title="FID" + at["fid"],
+                    yscale="log")
+    axes["accuracy"].set(xlabel="training step", ylabel="conditional accuracy", title="accuracy" + at["accuracy"],
+                         ylim=(0, 1))
+    for ax in axes.values():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     buf = io.BytesIO()
