@@ -105,3 +105,18 @@ def test_progress_note_names_the_newest_evaluation():
     m = {"eval_step": 400, "fid": 14.6, "fid_best_w": 2.0, "accuracy_w0": 0.512}
     assert progress_note(m, [0.0, 1.0, 2.0]) == " | eval @400: FID 14.6 (w=2), acc 0.512 (w=0)"
     assert progress_note(None, [1.0]) == ""
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from cfgd.train import learning_rate
+
+    cfg = load_config(None, ["train.lr=1e-3", "train.warmup_steps=100", "train.steps=600"]).train
+    assert learning_rate(cfg, 0) == pytest.approx(1e-5) and learning_rate(cfg, 99) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 599) == pytest.approx(1e-3)  # constant
+    cfg.lr_schedule = "cosine"
+    assert learning_rate(cfg, 49) == pytest.approx(5e-4)  # warm-up unchanged
+    assert learning_rate(cfg, 100) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 350) == pytest.approx(5e-4)  # half-way down
+    assert learning_rate(cfg, 600) == pytest.approx(0.0, abs=1e-12) and learning_rate(cfg, 900) == 0.0
+    rates = [learning_rate(cfg, s) for s in range(100, 601)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))

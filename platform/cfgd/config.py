@@ -24,6 +24,7 @@ from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZAT
 from cfgd.storage import StorageOptions
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch, split evenly across workers
     lr: float = 2e-4
     warmup_steps: int = 100  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (down to 0 at train.steps)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     steps: int = 2000
@@ -155,6 +157,7 @@ def validate(cfg: Config) -> Config:
         Rule("diffusion.zero_terminal_snr", t.zero_terminal_snr, not (t.zero_terminal_snr and t.timesteps < 2),
              "false with diffusion.timesteps < 2"),
         one_of("train.loss_weighting", tr.loss_weighting, LOSS_WEIGHTINGS),
+        one_of("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
         Rule("train.min_snr_gamma", tr.min_snr_gamma, tr.min_snr_gamma > 0, "> 0"),
         Rule("train.num_workers", tr.num_workers, tr.num_workers >= 1, ">= 1"),
         Rule("train.cpus_per_worker", tr.cpus_per_worker, tr.cpus_per_worker > 0, "> 0"),

@@ -81,9 +81,15 @@ def _threads(cfg: cfglib.TrainConfig) -> int:
     return max(1, (os.cpu_count() or 1) // cfg.num_workers)
 
 
-def _lr(cfg: cfglib.TrainConfig, step: int) -> float:
-    """Linear warm-up, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def learning_rate(cfg: cfglib.TrainConfig, step: int) -> float:
+    """The rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``, then
+    ``constant``, or ``cosine``: half a cosine from ``lr`` down to 0 at ``steps`` (a short run
+    ends on small steps, which lowers its final loss; a run resumed past ``steps`` stays at 0)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return cfg.lr * warm
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -160,7 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             x0, y = batch["image"], batch["label"]
             y = drop_labels(y, cfg.diffusion.p_uncond, null, gen)
             for group in opt.param_groups:
-                group["lr"] = _lr(tc, step)
+                group["lr"] = learning_rate(tc, step)
             with autocast:
                 loss = training_loss(net, schedule, x0, y, gen, cfg.diffusion.parameterization,
                                      tc.loss_weighting, tc.min_snr_gamma)
