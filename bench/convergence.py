@@ -22,7 +22,7 @@ from cfgd.train_eval import CheckpointEval, read_records
 
 def score_missing(run: Path, args) -> None:
     done = {r["step"] for r in read_records(str(run))}
-    for step, path in find_checkpoints(run):
+    for step, path in sorted(find_checkpoints(run), key=lambda sp: (sp[0] not in args.first, sp[0])):
         if step in done:
             continue
         data_root = args.data_root or read_checkpoint(path).data_root
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--w", type=float, nargs="+", default=[0.0, 1.0], help="for --score: the w values scored")
     p.add_argument("--samples", type=int, default=200, help="for --score: samples per w")
     p.add_argument("--steps", type=int, default=20, help="for --score: DDIM steps")
+    p.add_argument("--first", type=int, nargs="*", default=[], help="for --score: score these steps first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()

@@ -131,7 +131,7 @@ def test_zero_terminal_snr_schedule(name):
 
 def test_zero_terminal_snr_with_eps_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"diffusion\.zero_terminal_snr=True is not valid.*parameterization"):
-        load_config(None, ["diffusion.zero_terminal_snr=true"])
+        load_config(None, ["diffusion.zero_terminal_snr=true", "diffusion.parameterization=eps"])
     cfg = load_config(None, ["diffusion.zero_terminal_snr=true", "diffusion.parameterization=v",
                              "train.loss_weighting=min_snr"])
     assert cfg.diffusion.parameterization == "v" and cfg.train.min_snr_gamma == 5.0

@@ -48,7 +48,7 @@ class DiffusionConfig:
     schedule: str = "cosine"  # one of SCHEDULES
     timesteps: int = 1000
     p_uncond: float = 0.1  # probability that a training label is replaced by the null label
-    parameterization: str = "eps"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
+    parameterization: str = "v"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
     zero_terminal_snr: bool = False  # rescale the schedule to ᾱ_T = 0 (Lin et al. 2023); needs v or x0
 
 
@@ -76,7 +76,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    loss_weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
+    loss_weighting: str = "min_snr"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
     min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
     keep_best_by: str = ""  # "" = keep the newest; "loss" / "fid" = the lowest (Ray always keeps the newest too)
     # Evaluation during training (cfgd.train_eval): a Ray task next to the workers scores
