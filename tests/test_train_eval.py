@@ -31,8 +31,8 @@ def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_loc
             f"train.evaluator={ev.path}", "train.eval_samples=20", "train.eval_steps=4", "train.eval_w=[0,2]",
             "train.log_every=2", "train.warmup_steps=1", "train.lr=3e-3",
             f"train.ray_address={ray_local.get_runtime_context().gcs_address}"]
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml"),
-                           *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    job = [sys.executable, str(ROOT / "jobs/train.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml"), *args]
+    proc = subprocess.run(job, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     run = runs / "watched"
 
@@ -89,7 +89,7 @@ def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_loc
 def test_evaluation_settings_are_checked():
     ok = ["train.checkpoint_every=100", "train.eval_every=200", "train.evaluator=ev"]
     load_config(None, ok)
-    bad = {("train.eval_every=150",): "train.eval_every=150 is not valid; it must be a multiple of train.checkpoint_every",
+    bad = {("train.eval_every=150",): "train.eval_every=150 is not valid; it must be a multiple of train.checkpoint",
            ("train.evaluator=''",): "train.evaluator='' is not valid",
            ("train.eval_w=[]",): "train.eval_w=[] is not valid",
            ("train.eval_cpus=0",): "train.eval_cpus=0.0 is not valid",

@@ -264,7 +264,8 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
 
     if missing or need_floor:
         real = RealSplit.load(evaluator, data_root, cfg.real_split, opts, seed=cfg.seed)
-        log(f"[cfgd.sweep] real {data_root}/{cfg.real_split}: {len(real.held_out) + len(real.reference)} images, evaluator "
+        n_real = len(real.held_out) + len(real.reference)
+        log(f"[cfgd.sweep] real {data_root}/{cfg.real_split}: {n_real} images, evaluator "
             f"{cfg.evaluator} (test accuracy {evaluator.test_accuracy:.4f})")
     if need_floor:
         n = min(cfg.samples_per_w, len(real.held_out))
