@@ -215,7 +215,8 @@ def _eval_note(tc: cfglib.TrainConfig) -> str:
 
     try:
         reported = ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=5)
+            # Rank 0 waits for this while the other ranks wait for rank 0: keep it short.
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=1)
     except Exception:  # noqa: BLE001 - a progress line never stops training
         return ""
     return train_eval.progress_note(train_eval.latest(reported), tc.eval_w)
@@ -245,9 +246,10 @@ def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) ->
             optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
             step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)),
             extra={**extra, "metrics": metrics})
+        evaluate = _evaluated(cfg.train, step)
         ray.train.report({**metrics, **unscored}, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                         validation=_evaluated(cfg.train, step))
-    _log(f"checkpoint at step {step}" + (" (evaluating)" if _evaluated(cfg.train, step) else ""))
+                         validation=evaluate)
+    _log(f"checkpoint at step {step}" + (" (evaluating)" if evaluate else ""))
 
 
 def _recorded_paths() -> set[str]:

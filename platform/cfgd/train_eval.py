@@ -32,8 +32,11 @@ import numpy as np
 from cfgd import storage
 from cfgd.storage import StorageOptions
 
-CURVE_COLUMNS = ("step", "w", "fid", "accuracy", "precision", "recall", "inception_score", "n_samples",
-                 "seconds", "checkpoint")
+# The curve's columns and their Arrow types: eval.parquet's schema.
+CURVE = (("step", "int64"), ("w", "float64"), ("fid", "float64"), ("accuracy", "float64"),
+         ("precision", "float64"), ("recall", "float64"), ("inception_score", "float64"), ("n_samples", "int64"),
+         ("seconds", "float64"), ("checkpoint", "string"))
+CURVE_COLUMNS = tuple(name for name, _ in CURVE)
 REAL_SPLIT = "test"
 # Sampled rows per forward chunk: bounds the task's memory, not its result (rows are independent).
 BATCH = 256
@@ -77,14 +80,16 @@ def score_generator(gen, evaluator, real, ws: Sequence[float], n: int, steps: in
 _SCORERS: dict[tuple, tuple] = {}  # per process: Ray reuses its workers, so later evaluations skip the set-up
 
 
-def _scorer(evaluator_uri: str, data_root: str, opts: StorageOptions | None, seed: int):
-    """(Evaluator, RealSplit of the test split), loaded once per process."""
+def _scorer(evaluator_uri: str, data_root: str, opts: StorageOptions | None, seed: int, n: int):
+    """(Evaluator, RealSplit of the test split, its floor at n samples or None), once per process."""
     from cfgd.evaluate import Evaluator, RealSplit
 
-    key = (evaluator_uri, data_root, seed)
+    key = (evaluator_uri, data_root, seed, n)
     if key not in _SCORERS:
         ev = Evaluator.load(evaluator_uri, opts)
-        _SCORERS[key] = (ev, RealSplit.load(ev, data_root, REAL_SPLIT, opts, seed))
+        real = RealSplit.load(ev, data_root, REAL_SPLIT, opts, seed)
+        floor = real.floor(n) if n <= len(real.held_out) else None  # the plot's dotted line
+        _SCORERS[key] = (ev, real, floor)
     return _SCORERS[key]
 
 
@@ -126,7 +131,7 @@ class CheckpointEval:
 
         torch.set_num_threads(self.threads)  # Ray sets 1 thread per task; say it deliberately
         t0 = time.perf_counter()
-        evaluator, real = _scorer(self.evaluator, self.data_root, self.storage, self.seed)
+        evaluator, real, floor = _scorer(self.evaluator, self.data_root, self.storage, self.seed, self.samples)
         gen = Generator.load(local_dir)
         step = gen.checkpoint.step
         per_w = score_generator(gen, evaluator, real, self.w, self.samples, self.steps, self.seed)
@@ -135,7 +140,6 @@ class CheckpointEval:
                                                              "inception_score")},
                  "n_samples": self.samples, "seconds": seconds, "checkpoint": name}
                 for w, m in per_w.items()]
-        floor = real.floor(self.samples) if self.samples <= len(real.held_out) else None  # the plot's dotted line
         record = {"step": step, "rows": rows, "floor": floor}
         self._store(step, record)
         best_w = min(per_w, key=lambda w: per_w[w]["fid"])
@@ -182,9 +186,7 @@ def write_curve(run_uri: str, opts: StorageOptions | None = None) -> dict[str, s
 def _curve_schema():
     import pyarrow as pa
 
-    return pa.schema([("step", pa.int64()), ("w", pa.float64()), ("fid", pa.float64()), ("accuracy", pa.float64()),
-                      ("precision", pa.float64()), ("recall", pa.float64()), ("inception_score", pa.float64()),
-                      ("n_samples", pa.int64()), ("seconds", pa.float64()), ("checkpoint", pa.string())])
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in CURVE])
 
 
 def plot_curves(runs: dict[str, list[dict]], floor: dict | None = None, fid_w: float | None = None,
