@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray.train
 from sklearn.datasets import load_digits
 
 from cfgd.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
@@ -49,28 +48,31 @@ def test_prepare_train_sample_through_s3(s3, ray_local, digits_npz, tmp_path, ca
 
     cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
         f"data.root={BUCKET}/data", f"train.storage_path={BUCKET}/runs", "train.run_name=s3run",
-        "train.steps=4", "train.checkpoint_every=2", "train.max_failures=0", f"storage.endpoint_url={s3.endpoint_url}",
+        "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.max_failures=1",
+        "train.log_every=2", f"storage.endpoint_url={s3.endpoint_url}",
         f"storage.access_key_id={s3.access_key}", f"storage.secret_access_key={s3.secret_key}"])
-    # The job dies right after its step-2 checkpoint is complete in the bucket, before Ray
-    # Train records it; the same command run again resumes from that checkpoint.
+    # Rank 0 dies right after its step-4 checkpoint is complete in the bucket, before Ray
+    # Train records it (step 2 is recorded). The restarted workers resume at 4, not at the
+    # recorded 2, adopt it into Ray's record, and retention then keeps exactly the newest 2.
+    # (A rerun of the same command resumes the same way: test_failures, test_resume.)
     marker = tmp_path / "killed"
-    with pytest.raises(ray.train.TrainingFailedError):
-        fit(cfg, loop_fn=crash_after_commit(2, marker))
-    assert marker.exists()
     capfd.readouterr()
-    result = fit(cfg)
+    result = fit(cfg, loop_fn=crash_after_commit(4, marker))
     out = capfd.readouterr().out
-    assert result.metrics["step"] == 4
-    assert "resuming from checkpoint at step 2" in out, out[-3000:]
-    assert "checkpoint_unrecorded_2 (step 2, not recorded by Ray Train)" in out
+    assert marker.exists(), "the fault was not injected"
+    assert result.metrics["step"] == 6
+    assert "resuming from checkpoint at step 4" in out, out[-3000:]
+    assert "checkpoint_unrecorded_4 (step 4, not recorded by Ray Train)" in out
     metas = sorted(p for p in fs.find("cfgd-test/e2e/runs/s3run") if p.endswith("meta.json"))
-    # Retention (keep_checkpoints=2) manages the adopted checkpoint like any other: steps 2 and 4 remain.
-    assert len(metas) == 2 and any("/checkpoint_unrecorded_2/" in p for p in metas), metas
+    # Retention manages the adopted checkpoint like any other: 2 is retired, 4 and 6 remain.
+    assert len(metas) == 2 and any("/checkpoint_unrecorded_4/" in p for p in metas), metas
+    snapshot = fs.cat_file("cfgd-test/e2e/runs/s3run/checkpoint_manager_snapshot.json").decode()
+    assert "checkpoint_unrecorded_4" in snapshot, "the resumed-from checkpoint was not adopted into Ray's record"
     saved_config = fs.cat_file("cfgd-test/e2e/runs/s3run/config.yaml").decode()
     assert "secret_access_key: '***'" in saved_config and s3.secret_key not in saved_config
 
     local = fetch_checkpoint(f"{BUCKET}/runs/s3run", s3.storage_options())
-    assert load_checkpoint(local).step == 4 and load_checkpoint(local).meta["started_at_step"] == 2
+    assert load_checkpoint(local).step == 6 and load_checkpoint(local).meta["started_at_step"] == 4
 
     out = tmp_path / "samples"
     sample = _job("sample.py", f"sample.checkpoint={BUCKET}/runs/s3run", "sample.classes=[1,2]", "sample.w=[0,3]",
