@@ -25,14 +25,33 @@ from cfgd.plan import SPACINGS, SamplingPlan, Solver
 Denoise = Callable[[torch.Tensor, int], Denoised]  # (x_t, t) -> guided x̂0 and re-noise ε
 
 
+# The noisiest log-SNR a λ-spaced grid spreads its steps over: σ/α = 80, EDM's σ_max (Karras
+# et al. 2022; DPM-Solver stops its cosine schedule at t = 0.9946, λ ≈ −4.8, for the same
+# reason). Below it x̂0 is the data mean whatever x_t holds, so the clipped cosine schedule's
+# plunge to λ_T ≈ −9.9 (t ∈ [992, 1000]) is crossed in one step instead of eight.
+LAMBDA_MIN = -math.log(80.0)
+# Consecutive timesteps whose log-SNR differs by less are one noise level twice: a step
+# that denoises nothing but costs a network evaluation. Refused (integer timesteps of the
+# shipped schedules differ by ≥ 0.01, linear T = 1000 at its noisy end).
+MIN_LAMBDA_GAP = 1e-3
+
+
+def log_snr(alphas_cumprod) -> np.ndarray:
+    """λ_t = log(√ᾱ_t / √(1 − ᾱ_t)) for t = 1..T, float64 (−∞ where ᾱ = 0: zero terminal SNR)."""
+    ab = np.asarray(alphas_cumprod, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return 0.5 * (np.log(ab) - np.log1p(-ab))
+
+
 def ddim_timesteps(T: int, steps: int, spacing: str = "trailing", alphas_cumprod=None) -> list[int]:
     """Strided timesteps in 1..T, strictly decreasing, ``steps`` of them.
 
     leading: 1, 1+k, 1+2k, … (k = T // steps); trailing: T, T−T/steps, … (always starts
     at the noisiest t = T); linspace: evenly spread over [1, T] including both ends;
-    logsnr: from T to 1, evenly spread in log-SNR λ = log(√ᾱ/√(1−ᾱ)) (DPM-Solver's
-    choice for low-resolution images; needs ``alphas_cumprod``), nudged apart where
-    several would round to one integer t.
+    logsnr: t = T, then evenly spread in log-SNR λ from max(λ_T, LAMBDA_MIN) to λ_1
+    (DPM-Solver's choice for low-resolution images, without spending steps where the
+    schedule's λ plunges; needs ``alphas_cumprod``). With ``alphas_cumprod`` every grid is
+    checked: two steps at one noise level (|Δλ| < MIN_LAMBDA_GAP) are refused.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
@@ -41,27 +60,39 @@ def ddim_timesteps(T: int, steps: int, spacing: str = "trailing", alphas_cumprod
     if spacing == "logsnr":
         if alphas_cumprod is None:
             raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
-        ab = np.asarray(alphas_cumprod, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            lam = 0.5 * np.log(ab / (1 - ab))  # rises as t falls
-        if T > 1 and not np.isfinite(lam[-1]):
-            # Zero terminal SNR: λ_T = −∞. Spread from λ_{T−1}, keeping T the first step.
-            lam[-1] = lam[-2] - 1e-9
-        out: list[int] = []
-        for i, v in enumerate(np.linspace(lam[-1], lam[0], steps)):
-            t = int(np.argmin(np.abs(lam - v))) + 1
-            out.append(min(max(t, steps - i), out[-1] - 1 if out else T))
-        return out
-    if spacing == "leading":
+        ts = _logsnr_timesteps(log_snr(alphas_cumprod), steps)
+    elif spacing == "leading":
         ts = np.arange(steps) * (T // steps) + 1
     elif spacing == "trailing":
         ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[:steps]
-        ts = ts[::-1]
     else:
         ts = np.round(np.linspace(T, 1, steps)).astype(np.int64)  # from T, so one step starts at T
     ts = sorted({int(v) for v in ts}, reverse=True)
     assert len(ts) == steps, (spacing, T, steps, ts)
+    if alphas_cumprod is not None:
+        check_timesteps(ts, alphas_cumprod, spacing)
     return ts
+
+
+def _logsnr_timesteps(lam: np.ndarray, steps: int) -> list[int]:
+    """t = T, then the t nearest to each of ``steps − 1`` λ values evenly spread from
+    max(λ_T, LAMBDA_MIN) (exclusive) to λ_1, nudged apart where two round to one t."""
+    T = len(lam)
+    lo = max(float(lam[-1]), LAMBDA_MIN)
+    out = [T]
+    for i, v in enumerate(np.linspace(lo, lam[0], steps)[1:], start=1):
+        t = int(np.argmin(np.abs(lam - v))) + 1
+        out.append(min(max(t, steps - i), out[-1] - 1))
+    return out
+
+
+def check_timesteps(ts: Sequence[int], alphas_cumprod, spacing: str = "") -> None:
+    """Refuse a grid with two steps at one noise level (|λ_t − λ_t'| < MIN_LAMBDA_GAP)."""
+    lam = log_snr(alphas_cumprod)
+    for a, b in zip(ts, ts[1:]):
+        if not lam[b - 1] - lam[a - 1] >= MIN_LAMBDA_GAP:
+            raise ValueError(f"timesteps {a} and {b} of the {spacing or 'given'} spacing are one noise level "
+                             f"(log-SNR {lam[a - 1]:.6g} vs {lam[b - 1]:.6g}); use fewer steps")
 
 
 def ddim_coefficients(schedule: Schedule, ts: Sequence[int], eta: float) -> list[tuple[float, ...]]:
