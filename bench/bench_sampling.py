@@ -55,7 +55,7 @@ RULE_ROWS = [("cfg", {"w": 2.0}), ("cfg++", {"rule": "cfg++", "lam": 0.6}),
              ("apg", {"rule": "apg", "w": 2.0, "apg_beta": -0.5, "apg_r": 15.0, "apg_eta": 0.0}),
              ("cfg_zero_star", {"rule": "cfg_zero_star", "w": 2.0}),
              ("autoguidance", {"rule": "autoguidance", "w": 2.0, "guide": "self"}),
-             ("cfg+cosine", {"w": 2.0, "schedule": "cosine"}), ("cfg+threshold", {"w": 2.0, "threshold": 0.995})]
+             ("cfg+cosine", {"w": 2.0, "weight_schedule": "cosine"}), ("cfg+threshold", {"w": 2.0, "threshold": 0.995})]
 
 
 def run_plan(eps_fn, schedule, labels, seeds, shape, null, steps, w=None, solver="ddim", interval=None,

@@ -70,10 +70,12 @@ def test_cli_prints_the_resolved_config_and_exits_2_on_a_bad_key():
     (["sample.solver=dpm++2m", "sample.eta=0.5"], "sample.eta"),
     (["sample.rule=apg", "sample.apg_beta=2"], "sample.apg_beta=2.0"),
     (["sample.weight_schedule=odd"], "sample.weight_schedule"),
-    (["sample.guidance_interval=[5,2]"], "sample.guidance_interval"),
+    (["sample.interval=[5,2]"], "sample.interval=\\[5, 2\\]: .*1 <= t_lo <= t_hi"),
+    (["sample.guidance_interval=[5,2]"], "sample.interval"),  # the old key still reads
     (["sample.rule=autoguidance"], "sample.guide"),
     (["sample.threshold=0.1"], "sample.threshold"),
-    (["sample.guidance_scale=[-1]"], "sample.guidance_scale=-1.0 \\(w = -2.0\\)"),
+    (["sample.guidance_scale=[-1]"], "sample.guidance_scale=-1.0: .*greater than or equal to 0"),
+    (["sample.steps=true"], "sample.steps"),
     (["sample.w=[]"], "sample.w"),
 ])
 def test_the_sampling_plan_is_refused_naming_the_sample_key(override, match):
@@ -85,3 +87,29 @@ def test_the_sampling_plan_of_the_default_config():
     solver, columns = config_plan(load_config(None, ["sample.solver=dpm++2m", "sample.guidance_scale=[1,4]"]).sample)
     assert (solver.name, solver.spacing, solver.steps) == ("dpm++2m", "logsnr", 50)
     assert [g.w for g in columns] == [0.0, 3.0] and all(g.rule == "cfg" and g.clip for g in columns)
+
+
+def test_the_readme_plan_table_is_the_plans_own_declaration():
+    """Defaults and descriptions live once (cfgd.plan); the README's table is generated from them."""
+    from cfgd.plan import field_table
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- plan-fields -->\n", 1)[1].split("\n<!-- /plan-fields -->", 1)[0]
+    assert block == field_table(), "regenerate the README's table: python -m cfgd.plan"
+
+
+def test_sample_and_sweep_keys_are_derived_from_the_plan():
+    from cfgd.plan import FIELDS, field_default
+    from cfgd.sweep_grid import SweepConfig
+
+    sample, sweep = to_dict(Config())["sample"], SweepConfig()
+    for name in FIELDS:
+        if name not in ("w", "guidance_scale"):  # the grid's strengths: lists at both edges
+            assert sample[name] == getattr(sweep, name) == field_default(name), name
+
+
+def test_old_sample_keys_still_work_with_a_notice(capsys):
+    cfg = load_config(None, ["sample.guidance_interval=[10,20]", "sample.clip_denoised=false"])
+    assert (cfg.sample.interval, cfg.sample.clip) == ([10, 20], False)
+    err = capsys.readouterr().err
+    assert "sample.guidance_interval is now sample.interval" in err and "sample.clip_denoised is now sample.clip" in err

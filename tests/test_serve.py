@@ -119,7 +119,7 @@ def test_generate_returns_pngs_and_same_seed_same_bytes(server):
 
 def test_concurrent_requests_share_one_batch_and_match_solo_results(server):
     a = {"class_label": 1, "w": 0.5, "num_images": 2, "seed": 11, "steps": 5}
-    b = {"class_label": 7, "w": 4.0, "num_images": 1, "seed": 99, "steps": 5, "guidance_interval": [20, 80]}
+    b = {"class_label": 7, "w": 4.0, "num_images": 1, "seed": 99, "steps": 5, "interval": [20, 80]}
     _post(server, "/generate", a)  # warm: the batch below must not wait on anything else
     before = requests.get(server["url"] + "/stats", timeout=30).json()
     barrier = threading.Barrier(2)
@@ -230,8 +230,10 @@ def test_bad_requests_get_4xx_naming_the_field_then_a_good_one_succeeds(server):
         ({**good, "seed": "7"}, 422, "seed"),
         ({**good, "class_label": 1.5}, 422, "class_label"),
         ({**good, "checkpoint": "../../etc"}, 404, "checkpoint"),
-        ({**good, "guidance_interval": [50, 10]}, 422, "guidance_interval"),
-        ({**good, "guidance_interval": [1, T + 1]}, 422, "guidance_interval"),
+        ({**good, "interval": [50, 10]}, 422, "interval"),
+        ({**good, "guidance_interval": [50, 10]}, 422, "interval"),  # the old name still reads
+        ({**good, "interval": [1, T + 1]}, 422, "interval"),
+        ({**good, "steps": True}, 422, "steps"),
         ({**good, "format": "gif"}, 422, "format"),
         ({**good, "spacing": "random"}, 422, "spacing"),
         ({**good, "prompt": "a cat"}, 422, "prompt"),
@@ -297,6 +299,21 @@ def test_second_checkpoint_is_loaded_on_demand_and_reported(server):
     assert set(ready["replicas"][ready["replica"]]["loaded"]) == {"a", "b"}
     assert requests.get(server["url"] + "/openapi.json", timeout=30).json()["paths"].keys() >= {"/generate", "/bulk"}
     assert requests.get(server["url"] + "/docs", timeout=30).status_code == 200
+
+
+def test_openapi_documents_the_plan_fields_as_the_plan_declares_them(server):
+    """One declaration: /openapi.json's plan fields carry cfgd.plan's own descriptions,
+    bounds and defaults (the README's table is generated from the same place)."""
+    from cfgd.plan import FIELDS, field_default, field_info
+
+    schemas = requests.get(server["url"] + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    props = schemas["GenerateRequest"]["properties"]
+    for name in FIELDS:
+        assert props[name]["description"].startswith(field_info(name).description), name
+        if name != "steps":  # Serve's default is its default_steps setting (said in the text)
+            assert props[name].get("default") == field_default(name), name
+    assert props["eta"]["maximum"] == 1.0 and props["steps"]["anyOf"][0]["minimum"] == 1
+    assert set(FIELDS) <= set(schemas["BulkRequest"]["properties"])
 
 
 def test_unknown_settings_are_rejected():

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
-from cfgd.plan import W_RANGE, Guidance, PlanError, Solver, from_fields, strength_columns
+from cfgd.plan import (FIELDS, RENAMED, W_RANGE, Guidance, PlanError, Solver, field_default, field_info, plan_row,
+                       strength_columns)
 from cfgd.sources import SOURCES
 from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
 from cfgd.storage import StorageOptions
@@ -94,32 +96,49 @@ class TrainConfig:
     seed: int = 0
 
 
+def omegaconf_type(annotation: Any, grid: bool = False) -> Any:
+    """A plan field's type as OmegaConf can check it: choices → str, a pair → list[int];
+    ``grid``: Any (one value or a list of them: a grid dimension, checked by the plan)."""
+    if grid:
+        return Any
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = get_origin(annotation) is Union and len(args) == 1
+    inner = args[0] if optional else annotation
+    if get_origin(inner) is Literal:
+        inner = str
+    elif get_origin(inner) is tuple:
+        inner = list[get_args(inner)[0]]
+    return Optional[inner] if optional else inner
+
+
+def plan_keys(skip: tuple[str, ...] = (), grid: bool = False) -> list[tuple]:
+    """``dataclasses.make_dataclass`` fields of the sampling plan (cfgd.plan.FIELDS): the
+    CLI's ``sample.*`` keys and the sweep's grid keys, with the plan's defaults."""
+    return [(name, omegaconf_type(field_info(name).annotation, grid),
+             field(default=field_default(name), metadata={"doc": field_info(name).description}))
+            for name in FIELDS if name not in skip]
+
+
 @dataclass
-class SampleConfig:
+class SampleJob:
+    """``jobs/sample.py``'s own keys; the plan's keys are added below (``SampleConfig``)."""
+
     checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint); path or s3://
     classes: list[int] = field(default_factory=list)  # [] = every class
-    w: Optional[list[float]] = None  # guidance strengths (paper form); default [0, 1, 3]
-    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
+    # Guidance strengths of the grid's column groups (paper form), or guidance_scale (s = 1 + w);
+    # neither: DEFAULT_GRID_W.
+    w: Optional[list[float]] = None
+    guidance_scale: Optional[list[float]] = None
     per_cell: int = 4  # samples per (class, w) cell
-    solver: str = "ddim"  # ddim | dpm++2m (cfgd.plan.SOLVERS)
-    steps: int = 50
-    eta: float = 0.0  # DDIM eta in [0, 1]
-    spacing: Optional[str] = None  # leading | trailing | linspace | logsnr; null = the solver's default
-    rule: str = "cfg"  # cfg | cfg++ | apg | cfg_zero_star | autoguidance (README: guidance rules)
-    lam: float = 1.0  # CFG++ lambda in [0, 1]
-    apg_beta: float = 0.0  # APG momentum beta in [-1, 1)
-    apg_r: Optional[float] = None  # APG norm cap r > 0; null = none
-    apg_eta: float = 1.0  # APG weight of the parallel component, [0, 1]
-    weight_schedule: str = "constant"  # constant | linear | cosine: w_t = w * g(1 - t/T)
-    guidance_interval: Optional[list[int]] = None  # [t_lo, t_hi]: guide only there
-    rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023); 0 = off
-    clip_denoised: bool = True
-    threshold: Optional[float] = None  # dynamic thresholding quantile p in [0.5, 1]; null = off
-    guide: str = ""  # autoguidance: the guiding checkpoint (e.g. an earlier one of the same run)
     use_ema: bool = True
     batch_size: int = 256  # rows per sampling batch (results do not depend on it)
     seed: int = 0
     out: str = ""  # "" = <checkpoint's run dir>/samples
+
+
+DEFAULT_GRID_W = [0.0, 1.0, 3.0]
+# sample.*: the job's keys, then every plan field (README: "Configuration").
+SampleConfig = make_dataclass("SampleConfig", plan_keys(skip=("w", "guidance_scale")), bases=(SampleJob,))
 
 
 @dataclass
@@ -190,37 +209,36 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# Where a ``sample.<key>`` lands in the sampling plan.
-SAMPLE_PLAN_KEYS = {
-    "solver": "solver.name", "steps": "solver.steps", "spacing": "solver.spacing", "eta": "solver.eta",
-    "rule": "guidance.rule", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale", "lam": "guidance.lam",
-    "apg_beta": "guidance.apg_beta", "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta",
-    "weight_schedule": "guidance.schedule", "guidance_interval": "guidance.interval",
-    "rescale": "guidance.rescale", "clip_denoised": "guidance.clip", "threshold": "guidance.threshold",
-    "guide": "guidance.guide",
-}
-
-
 def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
     """The CLI edge: the solver and one Guidance per grid column (a w value), from ``sample.*``.
 
     Raises ConfigError naming the ``sample.`` key of the first bad value.
     """
-    values = {k: getattr(sc, k) for k in SAMPLE_PLAN_KEYS if k not in ("w", "guidance_scale")}
-    values["guide"] = values["guide"] or None
-    if values["guidance_interval"] is not None:
-        values["guidance_interval"] = tuple(values["guidance_interval"])
+    values = {k: getattr(sc, k) for k in FIELDS if k not in ("w", "guidance_scale")}
     solver, columns = None, []
     try:
-        default = [None] if sc.rule == "cfg++" else [0.0, 1.0, 3.0]  # CFG++ has no w: one column
+        default = [None] if sc.rule == "cfg++" else DEFAULT_GRID_W  # CFG++ has no w: one column
         for strength in strength_columns(sc.w, sc.guidance_scale, default=default):
-            solver, g = from_fields({**values, **strength}, SAMPLE_PLAN_KEYS, solver=solver)
+            solver, g = plan_row({**values, **strength}, solver=solver)
             columns.append(g)
     except PlanError as err:
         raise ConfigError(f"sample.{err}") from None
     if not columns:
         raise ConfigError("sample.w: give at least one value")
     return solver, columns
+
+
+def renamed(tree: dict, where: str = "") -> dict:
+    """``tree`` with old plan keys (cfgd.plan.RENAMED) under their new names, one notice each."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            v = renamed(v, f"{where}{k}.")
+        if k in RENAMED and RENAMED[k] not in tree:
+            print(f"cfgd: {where}{k} is now {where}{RENAMED[k]} (the old key still works, for now)", file=sys.stderr)
+            k = RENAMED[k]
+        out[k] = v
+    return out
 
 
 def load_structured(schema: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
@@ -233,12 +251,12 @@ def load_structured(schema: type, path: str | Path | None = None, overrides: Seq
         if path:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.create(renamed(OmegaConf.to_container(OmegaConf.load(path)))))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.create(renamed(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))))
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)

@@ -73,7 +73,7 @@ class Rows:
         self.beta = f64([g.apg_beta for g in rows])
         self.r = f64([math.inf if g.apg_r is None else g.apg_r for g in rows])
         self.apg_eta = f64([g.apg_eta for g in rows])
-        self.sched = torch.tensor([WEIGHT_SCHEDULES.index(g.schedule) for g in rows])
+        self.sched = torch.tensor([WEIGHT_SCHEDULES.index(g.weight_schedule) for g in rows])
         self.lo = f64([g.interval[0] if g.interval else -math.inf for g in rows])
         self.hi = f64([g.interval[1] if g.interval else math.inf for g in rows])
         self.rescale = f64([g.rescale for g in rows])

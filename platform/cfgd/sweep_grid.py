@@ -7,51 +7,34 @@ Every grid point's solver and guidance are built here, once, from the sweep's ke
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from cfgd.checks import Rule, check
-from cfgd.config import ConfigError
+from cfgd.config import ConfigError, plan_keys
 from cfgd.guidance import plan_cost
-from cfgd.plan import RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
+from cfgd.plan import FIELDS, RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, plan_row, strength_columns
 from cfgd.sampling import ddim_timesteps
 from cfgd.storage import StorageOptions
 
 DEFAULT_W = [0.0, 0.5, 1.0, 2.0, 4.0]
 
 @dataclass
-class SweepConfig:
-    """``jobs/sweep.py``: every key is top level (``w=[0,1]``, ``steps=25``), storage under ``storage.``.
+class SweepJob:
+    """``jobs/sweep.py``'s own keys: every key is top level (``w=[0,1]``, ``steps=25``),
+    storage under ``storage.``. The plan's keys follow (``SweepConfig``)."""
 
-    ``checkpoint``, ``solver``, ``steps``, ``eta``, ``interval``, ``rule`` and each rule
-    parameter take one value or a list of values; each list is one more grid dimension
-    (a parameter only multiplies the points of the rules that use it).
-    """
-
-    checkpoint: Any = ""  # checkpoint or run dir (path or s3://), or a list of them
+    checkpoint: Any = ""  # checkpoint or run dir (path or s3://), or a list of them: a grid dimension
     evaluator: str = ""  # evaluator checkpoint from jobs/train_evaluator.py (path or s3://)
     out: str = ""  # where results go (path or s3://); "" = outputs/sweeps/<first checkpoint's name>
     data_root: str = ""  # real images (Parquet shards); "" = the first checkpoint's data.root
     real_split: str = "test"
-    w: Optional[list[float]] = None  # guidance strengths, paper form; default [0, 0.5, 1, 2, 4]
-    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w
+    # Guidance strengths, paper form, or guidance_scale (s = 1 + w); neither: DEFAULT_W.
+    w: Optional[list[float]] = None
+    guidance_scale: Optional[list[float]] = None
     samples_per_w: int = 500  # samples per grid point; sample i has class i mod num_classes
-    solver: Any = "ddim"  # ddim | dpm++2m, or a list
-    steps: Any = 25  # solver steps: an int or a list
-    eta: Any = 0.0  # DDIM eta: a float or a list
-    interval: Any = None  # guidance interval [t_lo, t_hi] in 1..T, null = everywhere, or a list of them
-    spacing: Optional[str] = None  # null = each solver's default
-    rule: Any = "cfg"  # cfg | cfg++ | apg | cfg_zero_star | autoguidance, or a list
-    lam: Any = 1.0  # CFG++ lambda (or a list)
-    apg_beta: Any = 0.0  # APG momentum (or a list)
-    apg_r: Any = None  # APG norm cap (or a list; null = none)
-    apg_eta: Any = 1.0  # APG parallel weight (or a list)
-    weight_schedule: Any = "constant"  # constant | linear | cosine (or a list)
-    rescale: Any = 0.0  # guidance rescale phi (or a list)
-    threshold: Any = None  # dynamic thresholding quantile (or a list; null = clipping)
-    guide: Any = None  # autoguidance: the guiding checkpoint (or a list)
     use_ema: bool = True
     seed: int = 0  # sample i uses seed + i at every grid point
     k: int = 3  # neighbourhood size of precision/recall
@@ -69,6 +52,11 @@ class SweepConfig:
     grid_zoom: int = 2  # pixel magnification of the grid image
     progress: bool = True  # tqdm bar over the whole sweep
     storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+# Every plan field (cfgd.plan) is a sweep key: one value, or a list of values, each list
+# one more grid dimension (a rule's parameter multiplies only that rule's points).
+SweepConfig = make_dataclass("SweepConfig", plan_keys(skip=("w", "guidance_scale"), grid=True), bases=(SweepJob,))
 
 
 # ------------------------------------------------------------------ the grid
@@ -118,12 +106,8 @@ def _intervals(value: Any) -> list[Optional[tuple[int, int]]]:
     return out
 
 
-# A sweep key's place in the sampling plan (the grid's dimensions besides checkpoint).
-PLAN_KEYS = {"solver": "solver.name", "steps": "solver.steps", "eta": "solver.eta", "spacing": "solver.spacing",
-             "rule": "guidance.rule", "lam": "guidance.lam", "apg_beta": "guidance.apg_beta",
-             "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta", "weight_schedule": "guidance.schedule",
-             "interval": "guidance.interval", "rescale": "guidance.rescale", "threshold": "guidance.threshold",
-             "guide": "guidance.guide", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale"}
+# The plan keys that belong to the solver: one Solver per combination of them.
+SOLVER_KEYS = tuple(k for k, (model, _) in FIELDS.items() if model is Solver)
 
 
 def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
@@ -146,7 +130,7 @@ def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
         Rule("grid_zoom", cfg.grid_zoom, cfg.grid_zoom >= 1, ">= 1"),
         Rule("w", cfg.w, bool(ws), "a non-empty list"),
     ], ConfigError)
-    dims = {k: _listify(getattr(cfg, k)) for k in PLAN_KEYS if k not in ("w", "guidance_scale", "interval")}
+    dims = {k: _listify(getattr(cfg, k)) for k in FIELDS if k not in ("w", "guidance_scale", "interval")}
     dims["interval"] = _intervals(cfg.interval)
     points: list[GridPoint] = []
     solvers: dict = {}
@@ -162,8 +146,8 @@ def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
                 if values["rule"] != "autoguidance":
                     values.pop("guide")
                 for w in ([{}] if values["rule"] == "cfg++" else ws):  # CFG++ has λ, not w
-                    key = tuple((k, values[k]) for k in ("solver", "steps", "eta", "spacing"))
-                    solver, g = from_fields({**values, **w}, PLAN_KEYS, solver=solvers.get(key))
+                    key = tuple((k, values[k]) for k in SOLVER_KEYS)
+                    solver, g = plan_row({**values, **w}, solver=solvers.get(key))
                     solvers[key] = solver
                     p = GridPoint(ck, solver, g)
                     if p not in points:

@@ -96,7 +96,7 @@ def render(spec: SampleSpec, images: torch.Tensor) -> dict:
     meta = {"label": spec.label, "class_name": spec.class_name, "w": g.w, "guidance_scale": 1.0 + g.w,
             "seeds": spec.seeds, "checkpoint": spec.checkpoint, "solver": sol.name, "steps": sol.steps,
             "eta": sol.eta, "spacing": sol.spacing, "rule": g.rule,
-            "guidance_interval": list(g.interval) if g.interval else None, "format": spec.format}
+            "interval": list(g.interval) if g.interval else None, "format": spec.format}
     if spec.format == "grid":
         cols = math.ceil(math.sqrt(spec.n))
         rows = math.ceil(spec.n / cols)

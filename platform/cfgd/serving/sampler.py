@@ -11,11 +11,11 @@ import torch
 from pydantic import BaseModel
 
 from cfgd.generate import Generator
-from cfgd.plan import Guidance, PlanError, SamplingPlan, Solver, from_fields, strength_columns
+from cfgd.plan import FIELDS, Guidance, PlanError, SamplingPlan, Solver, plan_row, strength_columns
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.models import ModelCache
-from cfgd.serving.schemas import MAX_SEED, PLAN_KEYS, BulkRequest, GenerateRequest, RequestError, parse, short_error
+from cfgd.serving.schemas import MAX_SEED, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
 
@@ -43,11 +43,11 @@ def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None
     Server policy on top of the plan's own bounds: w within [w_min, w_max] and steps
     within [1, min(max_steps, T)]. Raises RequestError naming the request's field.
     """
-    values = {k: getattr(req, k) for k in PLAN_KEYS}
+    values = {k: getattr(req, k) for k in FIELDS}
     values.update(override)
     values["steps"] = _check_steps(values["steps"], s, T)
     try:
-        solver, g = from_fields(values, PLAN_KEYS, default_w=s.default_w, solver=solver)
+        solver, g = plan_row(values, default_w=s.default_w, solver=solver)
     except PlanError as err:
         raise RequestError(422, err.field, str(err)) from None
     if g.rule != "cfg++" and not s.w_min <= g.w <= s.w_max:
@@ -56,8 +56,7 @@ def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None
         lo, hi = (s.w_min + 1, s.w_max + 1) if name == "guidance_scale" else (s.w_min, s.w_max)
         raise RequestError(422, name, f"{name} {shown} is outside the allowed range [{lo}, {hi}]")
     if g.interval is not None and g.interval[1] > T:
-        raise RequestError(422, "guidance_interval", f"guidance_interval {list(g.interval)} must satisfy "
-                                                     f"1 <= t_lo <= t_hi <= T={T}")
+        raise RequestError(422, "interval", f"interval {list(g.interval)} must satisfy 1 <= t_lo <= t_hi <= T={T}")
     return solver, g
 
 

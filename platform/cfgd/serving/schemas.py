@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, StringConstraints, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, ValidationError,
+                      create_model, model_validator)
 
-from cfgd.plan import MAX_STEPS, RULES, SOLVERS, SPACINGS, WEIGHT_SCHEDULES
+from cfgd.plan import FIELDS, RENAMED, edge_field, field_info
 
 MAX_SEED = 2**63 - 1
 # Caps on what one request may carry, so no field can make the server allocate or loop
@@ -76,27 +77,26 @@ def validation_message(exc: ValidationError | list) -> tuple[str, str]:
     return first or "body", "; ".join(parts) or "invalid request"
 
 
-class PlanFields(BaseModel):
-    """The sampling plan's fields of a request (cfgd.plan checks bounds and combinations)."""
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model_config = ConfigDict(extra="forbid")
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Old field names (``guidance_interval``) still read as the new ones."""
+        if isinstance(data, dict) and any(k in RENAMED for k in data):
+            data = {RENAMED.get(k, k): v for k, v in data.items()}
+        return data
 
-    solver: Literal[SOLVERS] = "ddim"  # type: ignore[valid-type]
-    steps: Optional[StrictInt] = Field(None, ge=1, le=MAX_STEPS, description="solver steps (default: server's default_steps)")
-    eta: FiniteFloat = Field(0.0, description="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like")
-    spacing: Optional[Literal[SPACINGS]] = Field(None, description="timestep spacing (default: the solver's)")  # type: ignore
-    rule: Literal[RULES] = "cfg"  # type: ignore[valid-type]
-    lam: FiniteFloat = Field(1.0, description="CFG++ lambda in [0, 1]")
-    apg_beta: FiniteFloat = Field(0.0, description="APG momentum in [-1, 1)")
-    apg_r: Optional[FiniteFloat] = Field(None, description="APG norm cap r > 0 (null: none)")
-    apg_eta: FiniteFloat = Field(1.0, description="APG weight of the parallel component in [0, 1]")
-    weight_schedule: Literal[WEIGHT_SCHEDULES] = "constant"  # type: ignore[valid-type]
-    guidance_interval: Optional[tuple[StrictInt, StrictInt]] = Field(
-        None, description="[t_lo, t_hi]: guide only at timesteps inside (1..T)")  # T is checked per checkpoint
-    rescale: FiniteFloat = Field(0.0, description="guidance rescale phi in [0, 1]")
-    clip: StrictBool = Field(True, description="clamp x0 to [-1, 1]")
-    threshold: Optional[FiniteFloat] = Field(None, description="dynamic thresholding quantile in [0.5, 1]")
-    guide: Optional[Name] = Field(None, description="autoguidance: a configured checkpoint name")
+
+# The sampling plan's fields of a request: derived from cfgd.plan (types, bounds, defaults,
+# descriptions), so /openapi.json documents exactly what the plan accepts. Steps default to
+# the server's setting.
+PlanFields = create_model(
+    "PlanFields", __base__=_Strict,
+    **{n: edge_field(n) for n in FIELDS if n != "steps"},
+    steps=edge_field("steps", default=None, annotation=Optional[int], note="null: the server's default_steps"),
+)
 
 
 class GenerateRequest(PlanFields):
@@ -108,18 +108,6 @@ class GenerateRequest(PlanFields):
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     format: Literal["png_list", "grid"] = "png_list"
     checkpoint: Optional[Name] = Field(None, description="a configured checkpoint name (default: the server's)")
-    w: Optional[FiniteFloat] = Field(None, description="guidance strength (paper form); or guidance_scale")
-    guidance_scale: Optional[FiniteFloat] = Field(None, description="= 1 + w; or w")
-
-
-# Where a request field lands in the sampling plan (the same for /generate and /bulk).
-PLAN_KEYS = {
-    "solver": "solver.name", "steps": "solver.steps", "spacing": "solver.spacing", "eta": "solver.eta",
-    "rule": "guidance.rule", "w": "guidance.w", "guidance_scale": "guidance.guidance_scale", "lam": "guidance.lam",
-    "apg_beta": "guidance.apg_beta", "apg_r": "guidance.apg_r", "apg_eta": "guidance.apg_eta",
-    "weight_schedule": "guidance.schedule", "guidance_interval": "guidance.interval", "rescale": "guidance.rescale",
-    "clip": "guidance.clip", "threshold": "guidance.threshold", "guide": "guidance.guide",
-}
 
 
 class BulkRequest(PlanFields):
@@ -130,8 +118,11 @@ class BulkRequest(PlanFields):
     class_names: Optional[list[Name]] = Field(None, max_length=MAX_LIST, description="alternative to classes")
     counts: Union[Count, Annotated[list[Count], Field(max_length=MAX_LIST)]] = Field(
         1, description="per (class, w): one number or one per class")
-    w: Optional[list[FiniteFloat]] = Field(None, max_length=MAX_W_VALUES)
-    guidance_scale: Optional[list[FiniteFloat]] = Field(None, max_length=MAX_W_VALUES)
+    # Several strengths: one plan row each (each value is checked as the plan's w / guidance_scale).
+    w: Optional[list[float]] = Field(None, max_length=MAX_W_VALUES, description=f"{field_info('w').description}; "
+                                                                              "a list: one set of images per value")
+    guidance_scale: Optional[list[float]] = Field(None, max_length=MAX_W_VALUES,
+                                                  description=f"{field_info('guidance_scale').description}; a list")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     png_files: StrictBool = False
     checkpoint: Optional[Name] = None

@@ -64,8 +64,8 @@ class ServeSettings(BaseModel):
         try:
             return cls.model_validate(data, strict=strict)
         except ValidationError as err:
-            name, msg = first_error(err)
-            raise ValueError(f"setting {msg}" if name in cls.model_fields else msg) from None
+            e = first_error(err)
+            raise ValueError(f"setting {e}" if e.field in cls.model_fields else e.message) from None
 
     @model_validator(mode="after")
     def _rules(self) -> "ServeSettings":
