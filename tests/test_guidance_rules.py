@@ -1,4 +1,4 @@
-"""The guidance rules and solvers of shared/docs/guidance-methods.md, pinned with analytic
+"""The guidance rules and solvers of docs/guidance-methods.md, pinned with analytic
 eps_fns: each rule's "reduces to" identities, per-row mixing, the cost in network rows,
 and DPM-Solver++(2M) against diffusers' scheduler."""
 

@@ -1,4 +1,4 @@
-"""Every formula of shared/docs/cfg-math.md, pinned against closed forms."""
+"""Every formula of docs/cfg-math.md, pinned against closed forms."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Forward process and training loss (shared/docs/cfg-math.md §1, §4).
+"""Forward process and training loss (docs/cfg-math.md §1, §4).
 
 Timesteps follow the spec: ``t`` runs over ``1..T`` and ``ᾱ_t = ∏_{s≤t} α_s``.
 Arrays are stored 0-based (``alphas_cumprod[t - 1]`` is ``ᾱ_t``), computed once

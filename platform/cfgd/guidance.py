@@ -1,6 +1,6 @@
 """Guidance, in one place: every rule, per row, and its cost in network rows.
 
-Formulas: shared/docs/guidance-methods.md (CFG: cfg-math.md §3, §5). One batch may
+Formulas: docs/guidance-methods.md (CFG: cfg-math.md §3, §5). One batch may
 mix rules and parameters row by row (a :class:`cfgd.plan.SamplingPlan`).
 :class:`GuidedDenoiser` turns the network(s) into what a solver needs at timestep t,
 per row: the guided x̂0 (after clipping or dynamic thresholding) and the ε that

@@ -15,7 +15,7 @@ context={"default_w": 1.0})``.
 The fields are declared once, here (:data:`FIELDS`); the CLI's ``sample.*`` keys, the
 sweep's grid keys and the HTTP request fields are derived from them.
 
-No torch here: the plan is plain data (formulas: shared/docs/guidance-methods.md).
+No torch here: the plan is plain data (formulas: docs/guidance-methods.md).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _as_tuple(v: Any) -> Any:
 # models (:data:`FIELDS`), so a new field is one edit here. Strict types: ``true`` is not
 # a number and ``"3"`` is not a step count at any edge.
 class Guidance(BaseModel):
-    """One row's guidance rule and its parameters (docs/guidance.md)."""
+    """One row's guidance rule and its parameters (docs/guidance-methods.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
