@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cfgd import storage
+from cfgd.retry import with_retries
 from cfgd.storage import StorageOptions
 
 FORMAT_VERSION = 1
@@ -100,6 +101,41 @@ def _stage(tmp: Path, kind: str, stage: Callable[[Path], Sequence[str]], fields:
     meta = {**fields, "kind": kind, "format_version": FORMAT_VERSION,
             "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in names}}
     return json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
+def persist(local_dir: str | Path, fs: "pafs.FileSystem", dest: str, attempts: int = 5) -> list[str]:
+    """Copy an artifact directory to ``dest`` on a pyarrow filesystem, verified: each file
+    is written through an output stream that is closed explicitly (so an upload error is
+    raised, not swallowed), then its size in the store is checked; meta.json goes last.
+    Returns the names written. Raises StorageError naming ``dest`` when a file cannot be
+    stored in ``attempts`` tries (each one the store client's own retries).
+
+    This replaces ``pyarrow.fs.copy_files`` (Ray Train's default upload), which ignores a
+    failed upload of a file and returns normally: measured with tests/faultproxy.py, a
+    cut PUT leaves a checkpoint without its weights that Ray then records as committed
+    (docs/storage-faults.md).
+    """
+    import pyarrow.fs as pafs
+
+    local_dir = Path(local_dir)
+    names = sorted(p.name for p in local_dir.iterdir() if p.is_file())
+    names = [n for n in names if n != META] + ([META] if META in names else [])
+    with_retries(lambda: fs.create_dir(dest, recursive=True), what=f"create {dest}", attempts=attempts)
+    for name in names:
+        src, target = local_dir / name, f"{dest.rstrip('/')}/{name}"
+
+        def put(src=src, target=target) -> None:
+            with open(src, "rb") as f, fs.open_output_stream(target) as out:
+                for chunk in iter(lambda: f.read(8 << 20), b""):
+                    out.write(chunk)
+            info = fs.get_file_info(target)
+            if info.type != pafs.FileType.File or info.size != src.stat().st_size:
+                # Not transient by itself, but a store that lost the write may take the next.
+                raise ConnectionError(f"{target}: the store holds {info.size} bytes, expected "
+                                      f"{src.stat().st_size} ({info.type.name})")
+
+        with_retries(put, what=f"store {name} of {dest}", attempts=attempts)
+    return names
 
 
 # ------------------------------------------------------------------------------ reading

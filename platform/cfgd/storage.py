@@ -459,8 +459,21 @@ def upload_dir(local_dir: str, uri: str, opts: StorageOptions | None = None) -> 
     if not is_remote(uri):
         for p in {os.path.dirname(p) for p in rpaths}:
             os.makedirs(p, exist_ok=True)
-    with_retries(lambda: fs.put(lpaths, rpaths), what=f"upload {local_dir} -> {uri}")
+    def put() -> None:
+        fs.put(lpaths, rpaths)
+        for lp, rp in zip(lpaths, rpaths):
+            _confirm_size(fs, rp, os.path.getsize(lp))
+
+    with_retries(put, what=f"upload {local_dir} -> {uri}")
     return rels
+
+
+def _confirm_size(fs: fsspec.AbstractFileSystem, path: str, expected: int) -> None:
+    """The store holds ``expected`` bytes at ``path`` (one HEAD on S3), else a transient
+    error: a write is complete when the store says so, not when the client returned."""
+    size = fs.info(path).get("size")
+    if size != expected:
+        raise ConnectionError(f"{path}: the store holds {size} bytes after the write, expected {expected}")
 
 
 def download_dir(uri: str, local_dir: str, opts: StorageOptions | None = None) -> list[str]:
@@ -489,7 +502,11 @@ def write_bytes_atomic(uri: str, data: bytes, opts: StorageOptions | None = None
     if is_remote(uri):
         # One PUT (or a completed multipart upload) is atomic on S3 already.
         fs = fsspec_fs(uri, opts)
-        with_retries(lambda: fs.pipe_file(arrow_path(uri), data), what=f"write {uri}")
+        def put() -> None:
+            fs.pipe_file(arrow_path(uri), data)
+            _confirm_size(fs, arrow_path(uri), len(data))
+
+        with_retries(put, what=f"write {uri}")
         return
     path = arrow_path(uri)
     directory = os.path.dirname(path)

@@ -12,6 +12,7 @@ written in the moments before a crash that Ray Train had not recorded yet
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import resource
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from cfgd import artifact
 from cfgd import config as cfglib
 from cfgd import resume as resumelib
 from cfgd import storage
@@ -248,8 +250,22 @@ def _report(cfg, spec, data, model, ema, opt, step, epoch, loss, extra, perf) ->
             extra={**extra, "metrics": metrics})
         evaluate = _evaluated(cfg.train, step)
         ray.train.report({**metrics, **unscored}, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                         checkpoint_upload_fn=functools.partial(_persist_verified, attempts=cfg.storage.retries),
                          validation=evaluate)
     _log(f"checkpoint at step {step}" + (" (evaluating)" if evaluate else ""))
+
+
+def _persist_verified(checkpoint, dir_name: str, attempts: int):
+    """Ray Train's upload step, replaced: every file stored and its size confirmed,
+    meta.json last (:func:`cfgd.artifact.persist`), so Ray records a checkpoint only once
+    it is complete in the store. Ray's default (pyarrow's copy_files) returns normally
+    when an upload fails, and Ray would record, keep and resume from the hole."""
+    import ray.train
+
+    store = ray.train.get_context().get_storage()
+    dest = store.build_checkpoint_path_from_name(dir_name)
+    artifact.persist(checkpoint.path, store.storage_filesystem, dest, attempts=attempts)
+    return ray.train.Checkpoint(path=dest, filesystem=store.storage_filesystem)
 
 
 def _recorded_paths() -> set[str]:
