@@ -31,10 +31,10 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class DataConfig:
-    source: str = "fashion_mnist"  # one of SOURCES
+    source: str = "fashion_mnist"  # fashion_mnist (Debian dataset-fashion-mnist), idx, folder or npz
     source_path: str = ""  # where the source lives ("" = the source's default)
     root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read (path or s3://)
-    rows_per_shard: int = 10000
+    rows_per_shard: int = 10000  # rows per Parquet file
     test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
     shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of the shard order
     overwrite: bool = False  # prepare_data: rewrite shards that already exist and read back fine
@@ -42,13 +42,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "small"  # a key of cfgd.spec.MODEL_SIZES
+    size: str = "small"  # UNet size: tiny (tests), small (CPU demo), base, large (GPU)
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "cosine"  # one of SCHEDULES
-    timesteps: int = 1000
+    schedule: str = "cosine"  # noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)
+    timesteps: int = 1000  # T, the number of diffusion timesteps
     p_uncond: float = 0.1  # probability that a training label is replaced by the null label
     parameterization: str = "v"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
     zero_terminal_snr: bool = False  # rescale the schedule to ᾱ_T = 0 (Lin et al. 2023); needs v or x0
@@ -56,28 +56,28 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    run_name: str = "fashion_mnist_demo"
+    run_name: str = "fashion_mnist_demo"  # the run directory's name; rerun with the same name to resume
     storage_path: str = "outputs/runs"  # checkpoints go to <storage_path>/<run_name>/ (path or s3://)
     ray_address: str = ""  # "" = start an embedded local Ray; "auto" or host:port = join a cluster
     num_cpus: int = 0  # CPUs of the embedded Ray (0 = all of this machine's)
-    num_workers: int = 2
+    num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
     # Fractional CPUs leave room for Ray Data's read tasks: two 1-CPU workers on
     # a 2-core machine starve them and the fit hangs (shared/docs/ray-notes.md).
     cpus_per_worker: float = 0.5
     threads_per_worker: int = 0  # torch intra-op threads (0 = cores / workers)
-    placement_strategy: str = "PACK"  # one of PLACEMENTS; SPREAD puts workers on different nodes
-    use_gpu: bool = False
+    placement_strategy: str = "PACK"  # PACK, SPREAD (workers on different nodes), STRICT_PACK or STRICT_SPREAD
+    use_gpu: bool = False  # one GPU per worker
     bf16: bool = True  # bf16 autocast, used only on GPU
     batch_size: int = 128  # global batch, split evenly across workers
-    lr: float = 2e-4
+    lr: float = 2e-4  # AdamW learning rate (peak, after the warm-up)
     warmup_steps: int = 100  # linear learning-rate warm-up
     lr_schedule: str = "constant"  # after warm-up: constant | cosine (down to 0 at train.steps)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    steps: int = 2000
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clipping
+    steps: int = 2000  # total optimizer steps
+    ema_decay: float = 0.999  # EMA of the weights (ramped up early); sampling uses the EMA weights
+    checkpoint_every: int = 500  # steps between checkpoints (and the last step)
+    keep_checkpoints: int = 2  # checkpoints kept (Ray Train retention; the newest always)
     loss_weighting: str = "min_snr"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
     min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
     keep_best_by: str = ""  # "" = keep the newest; "loss" / "fid" = the lowest (Ray always keeps the newest too)
@@ -91,9 +91,9 @@ class TrainConfig:
     eval_cpus: float = 0.5  # CPUs of the evaluation task (it runs beside the workers)
     eval_timeout_s: float = 3600.0  # an evaluation still running after this is cancelled (the run goes on)
     compile: bool = False  # torch.compile the network (helps on GPU)
-    max_failures: int = 0
-    log_every: int = 50
-    seed: int = 0
+    max_failures: int = 0  # worker-group restarts allowed (Ray Train FailureConfig); each resumes
+    log_every: int = 50  # steps between progress lines
+    seed: int = 0  # seeds the weights, the data order and every worker's noise
 
 
 def omegaconf_type(annotation: Any, grid: bool = False) -> Any:
@@ -125,19 +125,19 @@ class SampleJob:
 
     checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint); path or s3://
     classes: list[int] = field(default_factory=list)  # [] = every class
-    # Guidance strengths of the grid's column groups (paper form), or guidance_scale (s = 1 + w);
-    # neither: DEFAULT_GRID_W.
+    # The grid's guidance strengths, one column group each (paper form); neither this nor
+    # guidance_scale: [0, 1, 3] (DEFAULT_GRID_W).
     w: Optional[list[float]] = None
-    guidance_scale: Optional[list[float]] = None
+    guidance_scale: Optional[list[float]] = None  # alternative to w: s = 1 + w, one per column group
     per_cell: int = 4  # samples per (class, w) cell
-    use_ema: bool = True
+    use_ema: bool = True  # sample with the EMA weights (false: the raw weights)
     batch_size: int = 256  # rows per sampling batch (results do not depend on it)
-    seed: int = 0
+    seed: int = 0  # sample j of class c has seed seed + c·per_cell + j in every w column
     out: str = ""  # "" = <checkpoint's run dir>/samples
 
 
 DEFAULT_GRID_W = [0.0, 1.0, 3.0]
-# sample.*: the job's keys, then every plan field (README: "Configuration").
+# sample.*: the job's keys, then every plan field (docs/configuration.md).
 SampleConfig = make_dataclass("SampleConfig", plan_keys(skip=("w", "guidance_scale")), bases=(SampleJob,))
 
 

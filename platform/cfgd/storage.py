@@ -89,7 +89,7 @@ class StorageOptions:
     secret_access_key: str = ""  # "" = AWS_SECRET_ACCESS_KEY
     path_style: bool = True  # bucket in the path (SeaweedFS, MinIO) rather than the host name
     retries: int = 5  # total attempts per request (botocore / AWS SDK max_attempts)
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0  # seconds to open a connection to the store
 
     def __repr__(self) -> str:
         # Never print credentials: logs and tracebacks end up in CI output.
