@@ -1,4 +1,4 @@
-"""What verified checkpoint uploads cost: cfgd.artifact.persist against Ray Train's default.
+"""What verified checkpoint uploads cost: cfgd.io.artifact.persist against Ray Train's default.
 
     .venv/bin/python bench/bench_checkpoint_upload.py --checkpoint outputs/runs/fashion_mnist_demo
 
@@ -8,8 +8,8 @@ on 127.0.0.1 (tests/s3server.py), and prints the median milliseconds:
 
   copy_files   pyarrow.fs.copy_files, as Ray Train uploads (use_threads=False on S3,
                64 MiB chunks): returns normally when an upload fails
-  persist      cfgd.artifact.persist: each file through an explicitly closed stream,
-               its stored size checked, meta.json last (what cfgd.train reports with)
+  persist      cfgd.io.artifact.persist: each file through an explicitly closed stream,
+               its stored size checked, meta.json last (what cfgd.train.worker_checkpoints reports with)
 """
 
 import argparse
@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cfgd import artifact, storage  # noqa: E402
-from cfgd.checkpoint import resolve_checkpoint  # noqa: E402
+from cfgd.io import artifact, storage  # noqa: E402
+from cfgd.io.checkpoint import resolve_checkpoint  # noqa: E402
 from s3server import S3Server  # noqa: E402
 
 

@@ -8,9 +8,9 @@ Every row is the median of --repeats runs in this process, same network, same ba
 the runs of the variants interleaved (round-robin) so that machine noise hits them alike:
 
   floor        the network's forward passes alone (steps × 2B rows), run the way the
-               platform runs it (cfgd.generate.eps_fn_of: on CPU channels-last, calls of
+               platform runs it (cfgd.sampling.checkpoint_sampler.eps_fn_of: on CPU channels-last, calls of
                at most 32 rows), no sampler
-  platform     cfgd.sampling.sample (DDIM, CFG with w) over that eps_fn
+  platform     cfgd.diffusion.solvers.sample (DDIM, CFG with w) over that eps_fn
   platform-dpm the same with DPM-Solver++(2M)
   floor-plain  the forward passes with the network as loaded (NCHW, one 2B-row call)
   plain        the platform over the network as loaded: the platform before issue 6's
@@ -42,12 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgd.diffusion import make_schedule
-from cfgd.generate import Generator, eps_fn_of, prepare_network
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.process import make_schedule
+from cfgd.diffusion.solvers import ddim_coefficients, ddim_timesteps, sample
+from cfgd.model.unet import ModelSpec, build_model
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler, eps_fn_of, prepare_network
 from cfgd.spec import null_label
-from cfgd.model import ModelSpec, build_model
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample
 
 # The rules table: (name, Guidance fields); autoguidance uses the same network as its
 # guide (a second network of the same size costs the same).
@@ -60,7 +60,7 @@ RULE_ROWS = [("cfg", {"w": 2.0}), ("cfg++", {"rule": "cfg++", "lam": 0.6}),
 
 def run_plan(eps_fn, schedule, labels, seeds, shape, null, steps, w=None, solver="ddim", interval=None,
              guidance: dict | None = None):
-    """cfgd.sampling.sample with one guidance for every row (w: a number or one per row)."""
+    """cfgd.diffusion.solvers.sample with one guidance for every row (w: a number or one per row)."""
     B = len(seeds)
     ws = w if isinstance(w, (list, tuple)) else [w] * B
     fields = guidance or {}
@@ -82,9 +82,9 @@ class Net:
 
 
 def load_net(checkpoint: str | None) -> Net:
-    """The checkpoint as ``Generator.load`` sets it up; an untrained small UNet without one."""
+    """The checkpoint as ``CheckpointSampler.load`` sets it up; an untrained small UNet without one."""
     if checkpoint:
-        gen = Generator.load(checkpoint)
+        gen = CheckpointSampler.load(checkpoint)
         model = copy.deepcopy(gen.model).to(memory_format=torch.contiguous_format)
         return Net(model, gen.eps_fn(), gen.shape, gen.num_classes, gen.schedule())
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Serving throughput and latency: HTTP through Serve vs ``Generator.sample`` in-process.
+"""Serving throughput and latency: HTTP through Serve vs ``CheckpointSampler.sample`` in-process.
 
     .venv/bin/python bench/bench_serve.py --checkpoint outputs/runs/fashion_mnist_demo
     .venv/bin/python bench/bench_serve.py             # a tiny random 8x8 checkpoint
@@ -6,7 +6,7 @@
 Starts its own local Ray (never joins another cluster) and Serve on a free port of
 127.0.0.1, then measures, with the same torch threads everywhere:
 
-1. in-process: ``Generator.sample`` on batches of ``max_batch_size × num_images`` rows
+1. in-process: ``CheckpointSampler.sample`` on batches of ``max_batch_size × num_images`` rows
    (the most one Serve batch holds) — the ceiling;
 2. HTTP, batching on: ``clients`` concurrent clients, each sending its next request as
    soon as the last one returns, for ``duration`` seconds;
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))  # serve.app
 HEADERS: dict[str, str] = {}  # the API token header, with --token
 
 def tiny_checkpoint(directory: Path) -> str:
-    from cfgd.checkpoint import write_checkpoint
     from cfgd.config import Config, to_dict
-    from cfgd.model import ModelSpec, build_model
+    from cfgd.io.checkpoint import write_checkpoint
+    from cfgd.model.unet import ModelSpec, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
@@ -60,10 +60,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def bench_in_process(checkpoint: str, args) -> dict:
     from cfgd import serving
-    from cfgd.plan import Guidance, SamplingPlan, Solver
+    from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
 
     torch.set_num_threads(args.threads)
-    gen = serving.load_generator(checkpoint, None, args.pad_rows)
+    gen = serving.load_sampler(checkpoint, None, args.pad_rows)
     rows = args.max_batch_size * args.num_images
     rng = random.Random(0)
 
@@ -195,18 +195,18 @@ def main(argv=None) -> None:
     import ray
     from ray import serve
 
-    from cfgd.generate import Generator
+    from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 
     checkpoint = args.checkpoint or tiny_checkpoint(Path(tempfile.mkdtemp(prefix="cfgd-bench-")))
     checkpoint = os.path.abspath(checkpoint)
-    gen = Generator.load(checkpoint)
+    gen = CheckpointSampler.load(checkpoint)
     s = gen.checkpoint.spec
     print(f"checkpoint {checkpoint}: {s.size} {s.image_size}x{s.image_size}x{s.in_channels}, "
           f"{s.num_classes} classes; {args.steps} DDIM steps, guided (w in [0, 4]), "
           f"{args.num_images} image(s)/request, torch threads {args.threads}, {os.cpu_count()} cores", flush=True)
 
     print(bench_guard(), flush=True)
-    rows = [("in-process Generator.sample", "-", bench_in_process(checkpoint, args))]
+    rows = [("in-process CheckpointSampler.sample", "-", bench_in_process(checkpoint, args))]
     print(f"in-process done: {rows[-1][2]['images_s']:.1f} images/s", flush=True)
 
     # Replica access logs would drown the table: keep them in the session's log files.

@@ -6,7 +6,7 @@
 Same network (the demo's `small` UNet), same global batch:
 
   plain       a plain PyTorch loop in this process, batches already decoded in memory
-  ray-1       cfgd.train (train_loop_per_worker under Ray Train), 1 worker
+  ray-1       cfgd.train.worker (train_loop_per_worker under Ray Train), 1 worker
   ray-2       the same with 2 workers (DDP over gloo)
   data        Ray Data read + PNG decode of the train shards alone (rows/s)
 
@@ -26,21 +26,21 @@ import numpy as np
 import torch
 
 from cfgd.config import load_config
-from cfgd.dataset import read_dataset
-from cfgd.images import decode_png, uint8_to_model
-from cfgd.shards import read_meta
-from cfgd.diffusion import drop_labels, make_schedule, training_loss
-from cfgd.spec import null_label
-from cfgd.model import ModelSpec, build_model
+from cfgd.data.images import decode_png, uint8_to_model
+from cfgd.data.shards import read_split_meta
+from cfgd.diffusion.process import drop_labels, make_schedule, training_loss
+from cfgd.model.unet import ModelSpec, build_model
 from cfgd.rayenv import init_ray
-from cfgd.train import fit
+from cfgd.spec import null_label
+from cfgd.train.input_pipeline import read_dataset
+from cfgd.train.trainer import fit
 
 
 def plain_loop(data: str, steps: int, batch: int, threads: int) -> float:
     """Samples/s of the same training step in one process, data decoded up front."""
     import pyarrow.parquet as pq
 
-    meta = read_meta(data, "train")
+    meta = read_split_meta(data, "train")
     table = pq.read_table(meta.files[0], columns=["image", "label"]).slice(0, batch * 8)
     x = uint8_to_model(np.stack([decode_png(b) for b in table.column("image").to_pylist()])).contiguous()
     y = torch.tensor(table.column("label").to_numpy())
@@ -77,7 +77,7 @@ def ray_train(data: str, steps: int, batch: int, workers: int, runs: str) -> tup
 
 
 def data_rate(data: str, batch: int) -> float:
-    meta = read_meta(data, "train")
+    meta = read_split_meta(data, "train")
     ds = read_dataset(data, "train", meta)
     t0, rows = time.perf_counter(), 0
     for b in ds.iter_torch_batches(batch_size=batch):

@@ -5,7 +5,7 @@
 
 Reads each run's evaluations (``<run>/eval/``, written by evaluation during training,
 ``train.eval_every``). ``--score`` first scores every kept checkpoint that has none,
-with the same function and settings (cfgd.train_eval.CheckpointEval), for runs trained
+with the same function and settings (cfgd.train.checkpoint_eval.CheckpointEval), for runs trained
 without evaluation. Prints a table (FID at ``--fid-w`` and accuracy at ``--acc-w`` per
 step) and writes the plot.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from cfgd.checkpoint import find_checkpoints, read_checkpoint
-from cfgd.train_eval import CheckpointEval, read_records
+from cfgd.io.checkpoint import find_checkpoints, read_checkpoint
+from cfgd.train.checkpoint_eval import CheckpointEval, read_records
 
 
 def score_missing(run: Path, args) -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
 
-    from cfgd.train_eval import plot_curves
+    from cfgd.train.checkpoint_eval import plot_curves
 
     runs, floor = {}, None
     for run in args.runs:

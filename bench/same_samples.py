@@ -11,8 +11,8 @@ import argparse
 import numpy as np
 import torch
 
-from cfgd.generate import Generator
-from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 
 CASES = [
     ("ddim", Solver(name="ddim", steps=20), (Guidance(w=0.0), Guidance(w=3.0), Guidance(rule="cfg_zero_star", w=2.0),
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--compare", help="an .npz from another build: print max |Δ| per case")
     args = p.parse_args()
     torch.set_num_threads(2)
-    gen = Generator.load(args.checkpoint)
+    gen = CheckpointSampler.load(args.checkpoint)
     out = {}
     for name, solver, rows in CASES:
         n = len(rows)

@@ -11,7 +11,7 @@ x_test, y_test). Existing shards are kept unless data.overwrite=true.
 import time
 
 from cfgd.cli import fail, job
-from cfgd.shards import prepare
+from cfgd.data.shards import prepare
 
 if __name__ == "__main__":
     with job(__doc__, "prepare_data", sections=("data", "storage")) as cfg:

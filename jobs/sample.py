@@ -8,9 +8,63 @@ valid checkpoint is used). sample.solver, sample.rule and the rule's parameters 
 how (README: "Guidance rules and solvers"). Writes grid.png and samples.npz.
 """
 
+from pathlib import Path
+
+import numpy as np
+
 from cfgd.cli import fail, job, refuse
-from cfgd.config import ConfigError, config_plan
-from cfgd.generate import sample_grid
+from cfgd.config import ConfigError, SampleConfig, config_plan
+from cfgd.data.images import to_uint8
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.io.storage import StorageOptions, is_remote
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+from cfgd.sampling.tiles import labelled_grid, zoom_for
+
+
+def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], device: str = "cpu",
+                storage: StorageOptions | None = None) -> dict[str, str]:
+    """Run ``jobs/sample.py``: a grid of rows = classes, columns = guidance (w values).
+
+    ``solver`` and ``columns`` come from :func:`cfgd.config.config_plan`. Sample j of
+    class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the columns differ
+    only by guidance. Writes ``grid.png`` (class names left of the rows, ``w = …`` above
+    the columns, images magnified to >= 84 px) and ``samples.npz`` (images uint8 NHWC,
+    labels, w, guidance_scale, seeds) and returns their paths.
+    """
+    gen = CheckpointSampler.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
+    classes = list(sc.classes) or list(range(gen.num_classes))
+    labels, rows, seeds = [], [], []
+    for c in classes:
+        for g in columns:
+            for j in range(sc.per_cell):
+                labels.append(c)
+                rows.append(g)
+                seeds.append(sc.seed + c * sc.per_cell + j)
+    plan = SamplingPlan(solver=solver, rows=tuple(rows))
+    ws = [g.w for g in columns]
+    rule = columns[0].rule
+    print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
+          f"{len(labels)} samples: classes {classes} × w {ws} × {sc.per_cell}, rule {rule}, "
+          f"{solver.steps} {solver.name} steps, eta {solver.eta}", flush=True)
+    images = gen.sample(labels, seeds, plan, batch_size=sc.batch_size, progress=True)
+    u8 = to_uint8(images)
+    if sc.out:
+        out = Path(sc.out)
+    elif is_remote(sc.checkpoint):
+        out = Path("outputs/samples") / sc.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        out = Path(gen.checkpoint.path).parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    grid_path, npz_path = out / "grid.png", out / "samples.npz"
+    names = gen.checkpoint.label_names
+    labelled_grid(u8, [names[c] for c in classes], len(ws), col_labels=[f"w = {w:g}" for w in ws],
+                  per_cell=sc.per_cell, zoom=zoom_for(gen.shape[1])).save(grid_path)
+    w_arr = np.asarray([g.w for g in rows], dtype=np.float64)
+    np.savez_compressed(npz_path, images=u8, labels=np.asarray(labels, dtype=np.int64), w=w_arr,
+                        guidance_scale=1 + w_arr, seeds=np.asarray(seeds, dtype=np.int64),
+                        label_names=np.asarray(gen.checkpoint.label_names))
+    return {"grid": str(grid_path), "samples": str(npz_path)}
+
 
 if __name__ == "__main__":
     with job(__doc__, "sample", sections=("sample", "storage")) as cfg:

@@ -5,7 +5,7 @@ parameters, guidance interval, checkpoints).
         checkpoint=outputs/runs/fashion_mnist_demo evaluator=outputs/evaluators/fashion_mnist \
         'w=[0,0.5,1,2,4]' samples_per_w=500 steps=25 seed=0
 
-Keys are top level (see cfgd.sweep_grid.SweepConfig); ``checkpoint``, ``solver``,
+Keys are top level (see cfgd.sweep.sweep_grid.SweepConfig); ``checkpoint``, ``solver``,
 ``steps``, ``eta``, ``interval``, ``rule`` and each rule parameter accept a list to add
 a grid dimension, e.g. 'steps=[10,25]' 'interval=[null,[1,600]]' 'rule=[cfg,apg]'. Object storage under ``storage.``. Rerunning with the
 same ``out`` skips the grid points already done. Writes table.parquet/.csv,
@@ -14,7 +14,8 @@ plot.png, grid.png and per-point results under ``out``.
 
 from cfgd.cli import fail, parse, refuse
 from cfgd.config import ConfigError
-from cfgd.sweep import SweepConfig, run_sweep, sweep_axes
+from cfgd.sweep.runner import run_sweep
+from cfgd.sweep.sweep_grid import SweepConfig, sweep_axes
 
 
 if __name__ == "__main__":

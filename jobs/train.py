@@ -8,7 +8,7 @@ output goes to the log file it names (--verbose: to the console).
 """
 
 from cfgd.cli import fail, job
-from cfgd.train import fit
+from cfgd.train.trainer import fit
 
 if __name__ == "__main__":
     with job(__doc__, "train", sections=("data", "model", "diffusion", "train", "storage")) as cfg:

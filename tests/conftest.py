@@ -42,7 +42,7 @@ def digits_shards(tmp_path_factory):
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from cfgd.shards import write_shards
+    from cfgd.data.shards import write_shards
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

@@ -21,7 +21,7 @@ def crash_after_commit(step: int, marker: Path, corrupt: bool = False):
         import pyarrow.fs as pafs
         import ray.train
 
-        from cfgd.train import train_loop_per_worker
+        from cfgd.train.worker import train_loop_per_worker
 
         real_report = ray.train.report
 

@@ -4,7 +4,7 @@ Used by the tests as a library::
 
     server = S3Server(tmp_dir).start()
     server.make_bucket("cfgd-test")
-    opts = server.storage_options()      # cfgd.storage.StorageOptions
+    opts = server.storage_options()      # cfgd.io.storage.StorageOptions
     ...
     server.restart()                     # same dir, same ports: data persists
     server.stop()
@@ -187,8 +187,8 @@ class S3Server:
         }
 
     def storage_options(self, **overrides):
-        """cfgd.storage.StorageOptions for this server."""
-        from cfgd.storage import StorageOptions
+        """cfgd.io.storage.StorageOptions for this server."""
+        from cfgd.io.storage import StorageOptions
 
         fields = dict(endpoint_url=self.endpoint_url, region="us-east-1",
                       access_key_id=self.access_key, secret_access_key=self.secret_key)

@@ -9,11 +9,12 @@ import stat
 import pytest
 import torch
 
-from cfgd import artifact
-from cfgd.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint, write_checkpoint
 from cfgd.config import Config, to_dict
-from cfgd.evaluate import EvalNet, Evaluator, write_evaluator
-from cfgd.model import build_model
+from cfgd.evaluate.evalnet import EvalNet
+from cfgd.evaluate.evaluator import Evaluator, write_evaluator
+from cfgd.io import artifact, transfers
+from cfgd.io.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint, write_checkpoint
+from cfgd.model.unet import build_model
 from cfgd.spec import ModelSpec
 
 
@@ -106,14 +107,12 @@ def test_remote_artifacts_are_cached_privately_by_digest(s3, tmp_path, monkeypat
     monkeypatch.setenv("CFGD_CACHE", str(cache))
     opts = s3.storage_options()
     uri = "s3://cfgd-test/artifacts/run"
-    from cfgd import storage
-
-    storage.upload_dir(str(_model_ckpt(tmp_path / "c1", step=3)), f"{uri}/checkpoint_1", opts)
+    transfers.upload_dir(str(_model_ckpt(tmp_path / "c1", step=3)), f"{uri}/checkpoint_1", opts)
     first = fetch_checkpoint(uri, opts)
     assert first.parent == cache and stat.S_IMODE(os.stat(cache).st_mode) == 0o700
     assert load_checkpoint(first).step == 3 and fetch_checkpoint(uri, opts) == first  # cache hit
     # The same remote path rewritten with other weights: a new entry, never the stale one.
-    storage.upload_dir(str(_model_ckpt(tmp_path / "c2", step=5)), f"{uri}/checkpoint_1", opts)
+    transfers.upload_dir(str(_model_ckpt(tmp_path / "c2", step=5)), f"{uri}/checkpoint_1", opts)
     second = fetch_checkpoint(uri, opts)
     assert second != first and load_checkpoint(second).step == 5
     assert not [p for p in cache.iterdir() if p.name.startswith(".fetch-")]  # filled by rename

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 
 import readme
-from cfgd.checkpoint import find_checkpoints
+from cfgd.io.checkpoint import find_checkpoints
 
 SECTION = "Running on a Ray cluster"
 README_DASHBOARD = "127.0.0.1:8265"

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_named_setups_load_and_round_trip():
     for path in (ROOT / "jobs/configs").glob("*.yaml"):
-        if path.name == "sweep.yaml":  # a cfgd.sweep.SweepConfig, tested in test_sweep.py
+        if path.name == "sweep.yaml":  # a cfgd.sweep.sweep_grid.SweepConfig, tested in test_sweep.py
             continue
         cfg = load_config(path)
         assert from_dict(to_dict(cfg)) == cfg
@@ -90,17 +90,17 @@ def test_the_sampling_plan_of_the_default_config():
 
 
 def test_the_readme_plan_table_is_the_plans_own_declaration():
-    """Defaults and descriptions live once (cfgd.plan); the README's table is generated from them."""
-    from cfgd.plan import field_table
+    """Defaults and descriptions live once (cfgd.diffusion.plan); the README's table is generated from them."""
+    from cfgd.diffusion.plan import field_table
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- plan-fields -->\n", 1)[1].split("\n<!-- /plan-fields -->", 1)[0]
-    assert block == field_table(), "regenerate the README's table: python -m cfgd.plan"
+    assert block == field_table(), "regenerate the README's table: python -m cfgd.diffusion.plan"
 
 
 def test_sample_and_sweep_keys_are_derived_from_the_plan():
-    from cfgd.plan import FIELDS, field_default
-    from cfgd.sweep_grid import SweepConfig
+    from cfgd.diffusion.plan import FIELDS, field_default
+    from cfgd.sweep.sweep_grid import SweepConfig
 
     sample, sweep = to_dict(Config())["sample"], SweepConfig()
     for name in FIELDS:

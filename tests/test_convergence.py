@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cfgd.diffusion import make_schedule
-from cfgd.plan import DEFAULT_SPACING, Guidance, SamplingPlan, Solver
-from cfgd.sampling import LAMBDA_MIN, check_timesteps, ddim_timesteps, log_snr, sample
+from cfgd.diffusion.plan import DEFAULT_SPACING, Guidance, SamplingPlan, Solver
+from cfgd.diffusion.process import make_schedule
+from cfgd.diffusion.solvers import LAMBDA_MIN, check_timesteps, ddim_timesteps, log_snr, sample
 
 SHAPE = (1, 4, 4)
 MU = torch.linspace(-0.5, 0.5, 16, dtype=torch.float64).reshape(SHAPE)

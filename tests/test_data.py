@@ -1,5 +1,5 @@
-"""Tests for the data pipeline: cfgd.sources, cfgd.shards (writer, metadata checks) and
-cfgd.dataset (decode, Ray loading), plus the PNG codec of cfgd.images."""
+"""Tests for the data pipeline: cfgd.data.sources, cfgd.data.shards (writer, metadata checks),
+cfgd.data.split_loader and cfgd.train.input_pipeline (decode, Ray loading), plus the PNG codec of cfgd.data.images."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from cfgd import sources
-from cfgd.dataset import decode_batch, read_dataset
-from cfgd.images import decode_png, encode_png
-from cfgd.shards import read_meta, validate_labels, write_shards
-from cfgd.sources import load_fashion_mnist, load_idx, load_idx_dir, load_image_folder, load_npz, load_source
+from cfgd.data import sources
+from cfgd.data.images import decode_png, encode_png
+from cfgd.data.shards import read_split_meta, validate_labels, write_shards
+from cfgd.data.sources import load_fashion_mnist, load_idx, load_idx_dir, load_image_folder, load_npz, load_source
+from cfgd.data.split_loader import decode_batch
+from cfgd.train.input_pipeline import read_dataset
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
@@ -70,7 +71,7 @@ def test_png_round_trip_gray_and_rgb():
 
 def test_write_read_round_trip(digits, digits_root):
     images, labels = digits
-    meta = read_meta(digits_root, "train")
+    meta = read_split_meta(digits_root, "train")
     assert (meta.height, meta.width, meta.channels) == (8, 8, 1)
     assert meta.class_names == DIGIT_CLASSES and meta.num_classes == 10
     assert meta.num_rows == len(images) == 1797
@@ -96,7 +97,7 @@ def test_write_shards_replaces_split_and_leaves_no_temp(tmp_path, digits):
     files = write_shards(str(tmp_path), "train", images[:50], labels[:50], DIGIT_CLASSES)
     assert len(files) == 1 and all(os.path.isfile(f) for f in files)
     assert sorted(os.listdir(tmp_path)) == ["train"]
-    assert read_meta(str(tmp_path), "train").num_rows == 50
+    assert read_split_meta(str(tmp_path), "train").num_rows == 50
 
 
 def test_write_shards_rejects_bad_inputs(tmp_path, digits):
@@ -259,7 +260,7 @@ def test_load_source_unknown():
         load_source("hf", None)
 
 
-# -------------------------------------------------------------- read_meta errors
+# -------------------------------------------------------------- read_split_meta errors
 
 
 def _write_table(path, columns: dict, metadata: dict | None) -> None:
@@ -272,7 +273,7 @@ def test_read_meta_missing_label_column(tmp_path):
     bad = tmp_path / "train" / "part-00000.parquet"
     _write_table(bad, {"image": pa.array([b"x"], pa.binary())}, _cfgd_schema_metadata())
     with pytest.raises(ValueError, match=r"part-00000\.parquet: missing column 'label'"):
-        read_meta(str(tmp_path), "train")
+        read_split_meta(str(tmp_path), "train")
 
 
 def test_read_meta_wrong_image_type(tmp_path):
@@ -281,32 +282,32 @@ def test_read_meta_wrong_image_type(tmp_path):
                  _cfgd_schema_metadata())
     expected = r"part-00000\.parquet: column 'image' has type string, expected binary"
     with pytest.raises(ValueError, match=expected):
-        read_meta(str(tmp_path), "train")
+        read_split_meta(str(tmp_path), "train")
 
 
 def test_read_meta_missing_metadata_and_mismatch(tmp_path):
     cols = {"image": pa.array([b"x"], pa.binary()), "label": pa.array([1])}
     _write_table(tmp_path / "a" / "part-00000.parquet", cols, None)
     with pytest.raises(ValueError, match=r"part-00000\.parquet: schema metadata key 'cfgd'"):
-        read_meta(str(tmp_path), "a")
+        read_split_meta(str(tmp_path), "a")
 
     _write_table(tmp_path / "b" / "part-00000.parquet", cols, _cfgd_schema_metadata())
     _write_table(tmp_path / "b" / "part-00001.parquet", cols, _cfgd_schema_metadata(height=9))
     with pytest.raises(ValueError, match=r"part-00001\.parquet: cfgd metadata .* differs"):
-        read_meta(str(tmp_path), "b")
+        read_split_meta(str(tmp_path), "b")
 
 
 def test_read_meta_empty(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match=r"empty dataset: .*train"):
-        read_meta(str(tmp_path), "train")
+        read_split_meta(str(tmp_path), "train")
     with pytest.raises(ValueError, match=r"empty dataset: .*test"):
-        read_meta(str(tmp_path), "test")
+        read_split_meta(str(tmp_path), "test")
 
     empty = {"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}
     _write_table(tmp_path / "train" / "part-00000.parquet", empty, _cfgd_schema_metadata())
     with pytest.raises(ValueError, match=r"empty dataset: .*train has 1 files but zero rows"):
-        read_meta(str(tmp_path), "train")
+        read_split_meta(str(tmp_path), "train")
 
 
 # ------------------------------------------------------------- validate_labels
@@ -321,7 +322,7 @@ def test_validate_labels_out_of_range(tmp_path):
     _write_table(split / "part-00001.parquet",
                  {"image": pa.array([png] * 3, pa.binary()), "label": pa.array([3, 12, 4])},
                  _cfgd_schema_metadata())
-    meta = read_meta(str(tmp_path), "train")
+    meta = read_split_meta(str(tmp_path), "train")
     expected = r"part-00001\.parquet: row 1 has label 12, valid labels are \[0, 10\)"
     with pytest.raises(ValueError, match=expected):
         validate_labels(str(tmp_path), "train", meta)
@@ -355,7 +356,7 @@ def test_decode_batch_wrong_shape():
 def test_read_dataset_iter_torch_batches(ray_local, digits_root):
     import torch
 
-    meta = read_meta(digits_root, "train")
+    meta = read_split_meta(digits_root, "train")
     ds = read_dataset(digits_root, "train", meta)
     total = 0
     labels = []

@@ -11,13 +11,14 @@ import torch
 from sklearn.datasets import load_digits
 
 from cfgd.config import ConfigError
-from cfgd.dataset import load_split
-from cfgd.evaluate import (EvaluatorConfig, Evaluator, RealSplit, accuracy_of, conditional_accuracy, fid,
-                           frechet_distance, inception_score, knn_radii, precision_recall,
-                           train_evaluator)
 from cfgd.config import load_structured
-from cfgd.shards import write_shards
-from cfgd.storage import StorageOptions
+from cfgd.data.shards import write_shards
+from cfgd.data.split_loader import load_split
+from cfgd.evaluate.evaluator import Evaluator, RealSplit
+from cfgd.evaluate.evaluator_config import EvaluatorConfig
+from cfgd.evaluate.evaluator_training import accuracy_of, train_evaluator
+from cfgd.evaluate.metrics import conditional_accuracy, fid, frechet_distance, inception_score, knn_radii, precision_recall
+from cfgd.io.storage import StorageOptions
 
 
 def make_digits_shards(root):
@@ -162,7 +163,7 @@ def test_evaluator_checkpoint_describes_itself_and_refuses_corruption(evaluator,
 
 
 def test_evaluator_round_trip_through_s3(s3, digits, evaluator):
-    from cfgd.evaluate import write_evaluator
+    from cfgd.evaluate.evaluator import write_evaluator
 
     uri = "s3://cfgd-test/evaluators/digits"
     write_evaluator(uri, evaluator.net, {k: v for k, v in evaluator.meta.items() if k not in ("files",)},
@@ -180,7 +181,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
         load_structured(EvaluatorConfig, None, ["epoch=3"])
     cfg = load_structured(EvaluatorConfig, None, ["epochs=3", "storage.region=eu-west-1"])
     assert cfg.epochs == 3 and cfg.storage.region == "eu-west-1"
-    from cfgd.evaluate import validate_evaluator_config
+    from cfgd.evaluate.evaluator_config import validate_evaluator_config
 
     with pytest.raises(ConfigError, match="batch_size"):
         validate_evaluator_config(load_structured(EvaluatorConfig, None, ["batch_size=1"]))

@@ -34,7 +34,7 @@ import psutil
 import pytest
 import torch
 
-from cfgd.checkpoint import META, OPTIMIZER, WEIGHTS, find_checkpoints, load_checkpoint
+from cfgd.io.checkpoint import META, OPTIMIZER, WEIGHTS, find_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 140  # the rerun needs room for a recorded checkpoint and a kill after its resume

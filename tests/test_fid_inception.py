@@ -1,4 +1,4 @@
-"""Paper-comparable FID (cfgd.fid_inception): torch-fidelity's InceptionV3, with random
+"""Paper-comparable FID (cfgd.evaluate.fid_inception): torch-fidelity's InceptionV3, with random
 weights saved to a local file the way torch-fidelity's weights file is saved, checked
 for its plumbing (the numbers of real weights cannot be downloaded here)."""
 
@@ -13,15 +13,17 @@ import torch
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from cfgd import fid_inception
-from cfgd.artifact import sha256_file
-from cfgd.checkpoint import write_checkpoint
 from cfgd.config import ConfigError, load_config, to_dict
-from cfgd.shards import write_shards
-from cfgd.evaluate import Embedding, RealSplit, fid
-from cfgd.fid_inception import CONFIG_KEY, InceptionFID, real_halves, to_inception_input
-from cfgd.model import ModelSpec, build_model
-from cfgd.sweep import SweepConfig, run_sweep
+from cfgd.data.shards import write_shards
+from cfgd.evaluate import fid_inception
+from cfgd.evaluate.evaluator import RealSplit
+from cfgd.evaluate.fid_inception import CONFIG_KEY, InceptionFID, real_halves, to_inception_input
+from cfgd.evaluate.metrics import Embedding, fid
+from cfgd.io.artifact import sha256_file
+from cfgd.io.checkpoint import write_checkpoint
+from cfgd.model.unet import ModelSpec, build_model
+from cfgd.sweep.runner import run_sweep
+from cfgd.sweep.sweep_grid import SweepConfig
 from test_evaluate import make_tiny_evaluator
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cfgd.diffusion import make_schedule
-from cfgd.guidance import GuidedDenoiser, Rows, plan_cost
-from cfgd.plan import Guidance, SamplingPlan, Solver, first_error
-from cfgd.sampling import ddim_timesteps, sample
+from cfgd.diffusion.guidance import GuidedDenoiser, Rows, plan_cost
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver, first_error
+from cfgd.diffusion.process import make_schedule
+from cfgd.diffusion.solvers import ddim_timesteps, sample
 from test_math import gaussian_eps
 
 NULL = 10

@@ -1,4 +1,4 @@
-"""Tests for cfgd.images: the uint8 <-> [-1, 1] maps every reader and writer shares."""
+"""Tests for cfgd.data.images: the uint8 <-> [-1, 1] maps every reader and writer shares."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import torch
 
-from cfgd.dataset import decode_batch
-from cfgd.images import encode_png, to_uint8, uint8_to_model, uint8_to_unit
+from cfgd.data.images import encode_png, to_uint8, uint8_to_model, uint8_to_unit
+from cfgd.data.split_loader import decode_batch
 
 LEVELS = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)  # every uint8 value once
 
@@ -53,7 +53,7 @@ def test_decode_batch_uses_the_same_map():
 def test_data_modules_do_not_import_torch():
     """Ray Data decode tasks and cfgd.config import these; torch would cost each of them
     seconds and hundreds of MB."""
-    code = ("import sys; import cfgd.images, cfgd.sources, cfgd.shards, cfgd.dataset; "
+    code = ("import sys; import cfgd.data.images, cfgd.data.sources, cfgd.data.shards, cfgd.data.split_loader; "
             "print('torch' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

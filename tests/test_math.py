@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cfgd.diffusion import drop_labels, make_schedule, q_sample, training_loss
+from cfgd.diffusion.process import drop_labels, make_schedule, q_sample, training_loss
 from pydantic import ValidationError
 
-from cfgd.guidance import GuidedDenoiser, combine
+from cfgd.diffusion.guidance import GuidedDenoiser, combine
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.solvers import ddim_coefficients, ddim_timesteps, sample
 from cfgd.spec import null_label
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.sampling import ddim_coefficients, ddim_timesteps, sample
 
 
 def ddim_sample(eps_fn, schedule, labels, seeds, shape, steps=50, eta=0.0, spacing="trailing", w=0.0,

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from cfgd.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, resolve_checkpoint, write_checkpoint
 from cfgd.config import Config, to_dict
-from cfgd.diffusion import make_schedule, q_sample
-from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of
-from cfgd.grid import make_grid
-from cfgd.guidance import GuidedDenoiser
-from cfgd.images import to_uint8
+from cfgd.data.images import to_uint8
+from cfgd.diffusion.guidance import GuidedDenoiser
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.process import make_schedule, q_sample
+from cfgd.diffusion.solvers import sample
+from cfgd.io.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, resolve_checkpoint, write_checkpoint
+from cfgd.model.unet import MODEL_SIZES, ModelSpec, build_model
+from cfgd.sampling.checkpoint_sampler import CPU_ROWS_PER_CALL, CheckpointSampler, eps_fn_of
+from cfgd.sampling.tiles import make_grid
 from cfgd.spec import null_label
-from cfgd.model import MODEL_SIZES, ModelSpec, build_model
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.sampling import sample
 from tinynet import tiny_net
 
 
@@ -134,7 +134,7 @@ def _save(tmp_path, model, name="ckpt", step=7):
 
 def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(tmp_path, tiny):
     path = _save(tmp_path, tiny)
-    gen = Generator.load(path)
+    gen = CheckpointSampler.load(path)
     assert gen.checkpoint.step == 7 and gen.checkpoint.label_names[3] == "3"
     assert gen.checkpoint.schedule_name == "cosine" and gen.checkpoint.null_label == 10
     labels, seeds = [1, 2, 3], [5, 6, 7]
@@ -142,7 +142,7 @@ def test_checkpoint_round_trip_reproduces_samples_bit_for_bit(tmp_path, tiny):
     # On CPU, load() runs the network channels-last in calls of at most 32 rows.
     assert (gen.rows_per_call, gen.channels_last) == (CPU_ROWS_PER_CALL, True)
     same = copy.deepcopy(tiny).to(memory_format=torch.channels_last)
-    b = Generator(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample(
+    b = CheckpointSampler(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample(
         labels, seeds, _plan([0.0, 1.0, 3.0]))
     assert torch.equal(a, b)
     ck = load_checkpoint(path, with_optimizer=True)
@@ -194,7 +194,7 @@ def test_grid_layout():
 
 
 def test_chunked_sampling_with_per_row_intervals_equals_one_batch(tmp_path, tiny):
-    gen = Generator.load(_save(tmp_path, tiny))
+    gen = CheckpointSampler.load(_save(tmp_path, tiny))
     labels, seeds, w = [0, 1, 2, 3, 4], [9, 8, 7, 6, 5], [0.0, 1.0, 2.0, 3.0, -1.0]
     intervals = [(1, 1000), (1, 400), (300, 1000), (500, 1000), (1, 600)]
     whole = gen.sample(labels, seeds, _plan(w, 8, intervals=intervals), batch_size=5)

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from cfgd import console
-from cfgd.grid import labelled_grid, make_grid, zoom_for
-from cfgd.model import ModelSpec, build_model
+from cfgd.model.unet import ModelSpec, build_model
+from cfgd.sampling.tiles import labelled_grid, make_grid, zoom_for
 
 
 def test_a_quiet_job_keeps_its_own_and_tagged_lines_on_the_console_and_the_rest_in_the_log(tmp_path, monkeypatch):

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from cfgd.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
 from cfgd.config import Config, ConfigError, load_config, to_dict
-from cfgd.diffusion import (Predictor, as_eps_fn, loss_weights, make_schedule, q_sample, target, to_eps, to_x0,
-                            training_loss)
-from cfgd.generate import CPU_ROWS_PER_CALL, Generator, eps_fn_of
-from cfgd.guidance import GuidedDenoiser
-from cfgd.model import ModelSpec, build_model
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.sampling import sample
+from cfgd.diffusion.guidance import GuidedDenoiser
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.process import Predictor, as_eps_fn, loss_weights, make_schedule, q_sample, target, to_eps, to_x0, training_loss
+from cfgd.diffusion.solvers import sample
+from cfgd.io.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
+from cfgd.model.unet import ModelSpec, build_model
+from cfgd.sampling.checkpoint_sampler import CPU_ROWS_PER_CALL, CheckpointSampler, eps_fn_of
 from tinynet import tiny_net
 
 NULL = 10
@@ -288,14 +287,14 @@ def test_checkpoint_records_the_parameterisation_and_reproduces_samples(tmp_path
     path = _save(tmp_path, tiny, to_dict(cfg))
     meta = json.loads((path / "meta.json").read_text())
     assert meta["config"]["diffusion"]["parameterization"] == param
-    gen = Generator.load(path)
+    gen = CheckpointSampler.load(path)
     assert gen.checkpoint.parameterization == param and gen.checkpoint.zero_terminal_snr is zts
     assert bool(gen.schedule().alphas_cumprod[-1] == 0.0) is zts
     plan = SamplingPlan(solver=Solver(steps=8), rows=(Guidance(w=0.0), Guidance(w=2.0), Guidance(rule="apg", w=2.0)))
     a = gen.sample([1, 2, 3], [5, 6, 7], plan)
     assert torch.isfinite(a).all()
     same = copy.deepcopy(tiny).to(memory_format=torch.channels_last)
-    b = Generator(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample([1, 2, 3], [5, 6, 7],
+    b = CheckpointSampler(gen.checkpoint, same, torch.device("cpu"), CPU_ROWS_PER_CALL, True).sample([1, 2, 3], [5, 6, 7],
                                                                                                plan)
     assert torch.equal(a, b)
     # The same network behind the seam by hand: the conversion is the only difference.

@@ -1,4 +1,4 @@
-"""The resume point (cfgd.resume) over real files: a local run directory and a real S3
+"""The resume point (cfgd.train.resume) over real files: a local run directory and a real S3
 server. Checkpoints are written the way training writes them; "recorded" is the set of
 paths Ray Train's controller knows, as the training loop passes it."""
 
@@ -8,10 +8,11 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from cfgd import resume, storage
-from cfgd.checkpoint import META, WEIGHTS, write_checkpoint
 from cfgd.config import Config, to_dict
-from cfgd.model import ModelSpec, build_model
+from cfgd.io import storage
+from cfgd.io.checkpoint import META, WEIGHTS, write_checkpoint
+from cfgd.model.unet import ModelSpec, build_model
+from cfgd.train import resume
 
 
 def _write(tmp_path, step: int):

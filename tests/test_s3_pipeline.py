@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from cfgd.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
 from cfgd.config import load_config
-from cfgd.storage import StorageError, fsspec_fs
-from cfgd.train import fit
+from cfgd.io.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
+from cfgd.io.retry import StorageError
+from cfgd.io.storage import fsspec_fs
+from cfgd.train.trainer import fit
 from faults import crash_after_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_object_store_restart_during_training(s3, ray_local, digits_npz, tmp_pat
     import json
     import threading
 
-    from cfgd.shards import prepare
+    from cfgd.data.shards import prepare
 
     opts = s3.storage_options()
     prepare("npz", str(digits_npz), f"{BUCKET}/restart-data", rows_per_shard=500, storage=opts)

@@ -20,11 +20,12 @@ import pytest
 import requests
 
 import readme
-from cfgd import serving, storage
-from cfgd.checkpoint import write_checkpoint
+from cfgd import serving
 from cfgd.config import Config, to_dict
-from cfgd.images import decode_png
-from cfgd.sources import FASHION_MNIST_CLASSES
+from cfgd.data.images import decode_png
+from cfgd.data.sources import FASHION_MNIST_CLASSES
+from cfgd.io import storage, transfers
+from cfgd.io.checkpoint import write_checkpoint
 from tinynet import tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_concurrent_requests_share_one_batch_and_match_solo_results(server):
     assert after["replica"] == before["replica"]
     assert after["batches"] - before["batches"] == 1
     assert after["requests"] - before["requests"] == 2
-    assert after["sample_calls"] - before["sample_calls"] == 1  # one Generator.sample for both
+    assert after["sample_calls"] - before["sample_calls"] == 1  # one CheckpointSampler.sample for both
     assert _images(_post(server, "/generate", a)) == together_a
     assert _images(_post(server, "/generate", b)) == together_b
 
@@ -302,9 +303,9 @@ def test_second_checkpoint_is_loaded_on_demand_and_reported(server):
 
 
 def test_openapi_documents_the_plan_fields_as_the_plan_declares_them(server):
-    """One declaration: /openapi.json's plan fields carry cfgd.plan's own descriptions,
+    """One declaration: /openapi.json's plan fields carry cfgd.diffusion.plan's own descriptions,
     bounds and defaults (the README's table is generated from the same place)."""
-    from cfgd.plan import FIELDS, field_default, field_info
+    from cfgd.diffusion.plan import FIELDS, field_default, field_info
 
     schemas = requests.get(server["url"] + "/openapi.json", timeout=30).json()["components"]["schemas"]
     props = schemas["GenerateRequest"]["properties"]
@@ -420,7 +421,7 @@ def test_bulk_job_writes_parquet_to_s3_and_a_repost_skips_done_shards(server, s3
     assert decode_png(rows[0]["image"]).shape == (8, 8, 1)
     pngs = fs.ls(storage.arrow_path(dest) + "/_png", detail=False)
     assert len(pngs) == 36
-    manifest = json.loads(storage.read_bytes(dest + "/_job.json", opts))
+    manifest = json.loads(transfers.read_bytes(dest + "/_job.json", opts))
     assert manifest["total_shards"] == 3 and manifest["job_id"] == first["job_id"]
 
     # Bulk rows are the /generate images of the same (class, w, seed).

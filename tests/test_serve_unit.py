@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from cfgd import serving
-from cfgd.checkpoint import load_checkpoint
-from cfgd.generate import Generator
-from cfgd.plan import Guidance, Solver
+from cfgd.diffusion.plan import Guidance, Solver
+from cfgd.io.checkpoint import load_checkpoint
+from cfgd.model.from_checkpoint import build_network
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.serving.guard import authorize, configured_tokens
 
 
@@ -47,8 +48,8 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(tmp_path):
     from test_artifact import _model_ckpt
 
     ck = load_checkpoint(_model_ckpt(tmp_path / "m"))
-    good_gen = Generator(ck, ck.build(), torch.device("cpu"))
-    gen = Generator(ck, _FailsOnLabel(ck.build(), 9), torch.device("cpu"))
+    good_gen = CheckpointSampler(ck, build_network(ck), torch.device("cpu"))
+    gen = CheckpointSampler(ck, _FailsOnLabel(build_network(ck), 9), torch.device("cpu"))
     solver = Solver(steps=3)
 
     def spec(g, label, seed):

@@ -1,4 +1,4 @@
-"""cfgd.storage against a real S3 server (SeaweedFS, tests/s3server.py): no mocks."""
+"""cfgd.io (storage, access, transfers) against a real S3 server (SeaweedFS, tests/s3server.py): no mocks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from cfgd import storage
-from cfgd.storage import StorageError, StorageOptions
+from cfgd.io import access, retry, storage, transfers
+from cfgd.io.retry import StorageError
+from cfgd.io.storage import StorageOptions
 
 from s3server import find_weed
 
@@ -80,7 +81,7 @@ def test_with_retries_transient_then_success():
             raise ConnectionError("connection reset by peer")
         return "ok"
 
-    assert storage.with_retries(flaky, what="s3://b/flaky", base_delay=0.01) == "ok"
+    assert retry.with_retries(flaky, what="s3://b/flaky", base_delay=0.01) == "ok"
     assert len(calls) == 3
 
 
@@ -92,7 +93,7 @@ def test_with_retries_persistent_failure_names_what():
         raise TimeoutError("read timed out")
 
     with pytest.raises(StorageError, match="s3://b/down") as info:
-        storage.with_retries(down, what="s3://b/down", attempts=3, base_delay=0.01)
+        retry.with_retries(down, what="s3://b/down", attempts=3, base_delay=0.01)
     assert len(calls) == 3 and "read timed out" in str(info.value)
 
 
@@ -106,7 +107,7 @@ def test_with_retries_does_not_retry_permanent_errors(exc):
         raise exc
 
     with pytest.raises(type(exc)):
-        storage.with_retries(broken, what="x", base_delay=0.01)
+        retry.with_retries(broken, what="x", base_delay=0.01)
     assert len(calls) == 1
 
 
@@ -117,16 +118,16 @@ def test_is_transient_classifies_client_errors():
         return ClientError({"Error": {"Code": code, "Message": code},
                             "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
-    assert storage.is_transient(client_error("SlowDown", 503))
-    assert storage.is_transient(client_error("InternalError", 500))
-    assert not storage.is_transient(client_error("NoSuchKey", 404))
-    assert not storage.is_transient(client_error("AccessDenied", 403))
-    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert retry.is_transient(client_error("SlowDown", 503))
+    assert retry.is_transient(client_error("InternalError", 500))
+    assert not retry.is_transient(client_error("NoSuchKey", 404))
+    assert not retry.is_transient(client_error("AccessDenied", 403))
+    assert retry.is_transient(EndpointConnectionError(endpoint_url="http://x"))
     # s3fs wraps botocore errors: the cause decides.
     wrapped = OSError(5, "An error occurred")
     wrapped.__cause__ = client_error("ServiceUnavailable", 503)
-    assert storage.is_transient(wrapped)
-    assert storage.is_transient(OSError("AWS Error NETWORK_CONNECTION during GetObject"))
+    assert retry.is_transient(wrapped)
+    assert retry.is_transient(OSError("AWS Error NETWORK_CONNECTION during GetObject"))
 
 
 def test_local_paths(tmp_path):
@@ -137,22 +138,22 @@ def test_local_paths(tmp_path):
     assert fs.protocol[0] == "file"
 
     with pytest.raises(StorageError, match="does not exist"):
-        storage.check_access(uri)
-    storage.check_access(uri, write=True)  # parent exists and is writable
-    storage.check_access(str(tmp_path / "a" / "b" / "c"), write=True)
+        access.check_access(uri)
+    access.check_access(uri, write=True)  # parent exists and is writable
+    access.check_access(str(tmp_path / "a" / "b" / "c"), write=True)
 
-    storage.write_bytes_atomic(uri + "/meta.json", b"{}")
-    assert storage.read_bytes(uri + "/meta.json") == b"{}"
-    storage.check_access(uri)
-    storage.check_access(uri, write=True)
+    transfers.write_bytes_atomic(uri + "/meta.json", b"{}")
+    assert transfers.read_bytes(uri + "/meta.json") == b"{}"
+    access.check_access(uri)
+    access.check_access(uri, write=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["meta.json"]  # no temp left
 
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("A")
     (src / "sub" / "b.bin").write_bytes(b"\0B")
-    assert storage.upload_dir(str(src), uri + "/ckpt") == ["a.txt", "sub/b.bin"]
-    assert storage.download_dir(uri + "/ckpt", str(tmp_path / "dst")) == ["a.txt", "sub/b.bin"]
+    assert transfers.upload_dir(str(src), uri + "/ckpt") == ["a.txt", "sub/b.bin"]
+    assert transfers.download_dir(uri + "/ckpt", str(tmp_path / "dst")) == ["a.txt", "sub/b.bin"]
     assert (tmp_path / "dst" / "sub" / "b.bin").read_bytes() == b"\0B"
 
 
@@ -185,7 +186,7 @@ def test_env_fallback(s3, monkeypatch):
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
     uri = f"s3://{BUCKET}/env/x.bin"
-    storage.write_bytes_atomic(uri, b"via env", StorageOptions())
+    transfers.write_bytes_atomic(uri, b"via env", StorageOptions())
     # pyarrow ignores AWS_ENDPOINT_URL by itself: arrow_fs must pass it explicitly.
     with storage.arrow_fs(uri, StorageOptions()).open_input_stream(storage.arrow_path(uri)) as f:
         assert f.read() == b"via env"
@@ -193,13 +194,13 @@ def test_env_fallback(s3, monkeypatch):
 
 @needs_s3
 def test_check_access_ok(s3, opts):
-    storage.check_access(f"s3://{BUCKET}", opts)
-    storage.check_access(f"s3://{BUCKET}/runs/new", opts, write=True)
-    storage.write_bytes_atomic(f"s3://{BUCKET}/present/k.txt", b"1", opts)
-    storage.check_access(f"s3://{BUCKET}/present", opts)
-    storage.check_access(f"s3://{BUCKET}/present/k.txt", opts)
+    access.check_access(f"s3://{BUCKET}", opts)
+    access.check_access(f"s3://{BUCKET}/runs/new", opts, write=True)
+    transfers.write_bytes_atomic(f"s3://{BUCKET}/present/k.txt", b"1", opts)
+    access.check_access(f"s3://{BUCKET}/present", opts)
+    access.check_access(f"s3://{BUCKET}/present/k.txt", opts)
     with pytest.raises(StorageError, match="nothing exists"):
-        storage.check_access(f"s3://{BUCKET}/absent", opts)
+        access.check_access(f"s3://{BUCKET}/absent", opts)
     # The write probe object is gone again. (SeaweedFS keeps the then empty
     # "directory" runs/new/ visible to delimiter listings; AWS does not.)
     listing = s3._client().list_objects_v2(Bucket=BUCKET, Prefix="runs/new")
@@ -211,7 +212,7 @@ def test_check_access_unreachable_endpoint(s3):
     bad = s3.storage_options(endpoint_url=f"http://127.0.0.1:{_unused_port()}")
     t0 = time.monotonic()
     with pytest.raises(StorageError, match="endpoint") as info:
-        storage.check_access(f"s3://{BUCKET}/x", bad)
+        access.check_access(f"s3://{BUCKET}/x", bad)
     assert time.monotonic() - t0 < 15
     assert f"s3://{BUCKET}/x" in str(info.value)
 
@@ -219,7 +220,7 @@ def test_check_access_unreachable_endpoint(s3):
 @needs_s3
 def test_check_access_missing_bucket(s3, opts):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
-        storage.check_access("s3://no-such-bucket-here/prefix", opts, write=True)
+        access.check_access("s3://no-such-bucket-here/prefix", opts, write=True)
 
 
 @needs_s3
@@ -228,7 +229,7 @@ def test_check_access_bad_credentials(s3):
     for bad in (s3.storage_options(secret_access_key=wrong_secret),
                 s3.storage_options(access_key_id="NOSUCHKEY123", secret_access_key=wrong_secret)):
         with pytest.raises(StorageError) as info:
-            storage.check_access(f"s3://{BUCKET}/x", bad)
+            access.check_access(f"s3://{BUCKET}/x", bad)
         msg = str(info.value)
         assert "AWS_SECRET_ACCESS_KEY" in msg and "credentials" in msg
         assert wrong_secret not in msg and s3.secret_key not in msg
@@ -245,31 +246,31 @@ def test_upload_download_round_trip(s3, opts, tmp_path):
         (src / rel).write_bytes(data)
     uri = f"s3://{BUCKET}/runs/r1/checkpoint_000001"
 
-    assert storage.upload_dir(str(src), uri, opts) == sorted(files)
+    assert transfers.upload_dir(str(src), uri, opts) == sorted(files)
     # Idempotent: an upload retried after a partial failure lands the same way.
-    storage.upload_dir(str(src), uri + "/", opts)
+    transfers.upload_dir(str(src), uri + "/", opts)
     assert sorted(storage.fsspec_fs(uri, opts).find(storage.arrow_path(uri))) == [
         f"{BUCKET}/runs/r1/checkpoint_000001/{rel}" for rel in sorted(files)]
 
     dst = tmp_path / "back"
-    assert storage.download_dir(uri, str(dst), opts) == sorted(files)
+    assert transfers.download_dir(uri, str(dst), opts) == sorted(files)
     for rel, data in files.items():
         assert (dst / rel).read_bytes() == data
-    assert storage.read_bytes(uri + "/meta.json", opts) == files["meta.json"]
+    assert transfers.read_bytes(uri + "/meta.json", opts) == files["meta.json"]
 
     with pytest.raises(FileNotFoundError):
-        storage.download_dir(f"s3://{BUCKET}/runs/none", str(tmp_path / "none"), opts)
+        transfers.download_dir(f"s3://{BUCKET}/runs/none", str(tmp_path / "none"), opts)
 
 
 @needs_s3
 def test_server_restart_keeps_data(s3, opts):
     uri = f"s3://{BUCKET}/persist/p.txt"
-    storage.write_bytes_atomic(uri, b"kept", opts)
+    transfers.write_bytes_atomic(uri, b"kept", opts)
     endpoint = s3.endpoint_url
     s3.restart()
     assert s3.endpoint_url == endpoint
     # The cached client reconnects on its own.
-    assert storage.read_bytes(uri, opts) == b"kept"
+    assert transfers.read_bytes(uri, opts) == b"kept"
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -282,9 +283,9 @@ def test_create_exclusive_lets_exactly_one_racing_writer_win(where, tmp_path, re
     else:
         uri, opts = str(tmp_path / "d" / "manifest.json"), None
     with cf.ThreadPoolExecutor(8) as pool:
-        won = list(pool.map(lambda i: storage.create_exclusive(uri, f"writer {i}".encode(), opts), range(8)))
+        won = list(pool.map(lambda i: transfers.create_exclusive(uri, f"writer {i}".encode(), opts), range(8)))
     assert won.count(True) == 1
-    assert storage.read_bytes(uri, opts) == f"writer {won.index(True)}".encode()
-    assert storage.create_exclusive(uri, b"late", opts) is False
+    assert transfers.read_bytes(uri, opts) == f"writer {won.index(True)}".encode()
+    assert transfers.create_exclusive(uri, b"late", opts) is False
     if where == "local":
         assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json"]  # no temporary left

@@ -13,10 +13,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from cfgd import artifact, storage
-from cfgd.checkpoint import fetch_checkpoint, load_checkpoint
 from cfgd.config import load_config
-from cfgd.retry import StorageError
+from cfgd.io import artifact, storage, transfers
+from cfgd.io.checkpoint import fetch_checkpoint, load_checkpoint
+from cfgd.io.retry import StorageError
 from faultproxy import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_refused_and_stalled_connections_are_ridden_through(s3, proxy, tmp_path)
     opts = s3.storage_options(endpoint_url=proxy.endpoint_url, retries=2)
     proxy.cut(r"PUT /cfgd-test/faults/s3fs/meta\.json", times=1000)
     with pytest.raises(StorageError, match="cfgd-test/faults/s3fs"):
-        storage.write_bytes_atomic("s3://cfgd-test/faults/s3fs/meta.json", b"{}", opts)
+        transfers.write_bytes_atomic("s3://cfgd-test/faults/s3fs/meta.json", b"{}", opts)
 
 
 def test_acknowledged_writes_survive_a_server_restart(s3):
@@ -89,10 +89,10 @@ def test_acknowledged_writes_survive_a_server_restart(s3):
     opts = s3.storage_options()
     payload = {f"s3://cfgd-test/faults/durable/{i:03d}.bin": os.urandom(1000 + i) for i in range(40)}
     for uri, data in payload.items():
-        storage.write_bytes_atomic(uri, data, opts)
+        transfers.write_bytes_atomic(uri, data, opts)
     s3.restart()
     for uri, data in payload.items():
-        assert storage.read_bytes(uri, opts) == data, uri
+        assert transfers.read_bytes(uri, opts) == data, uri
 
 
 def test_a_checkpoint_cut_mid_upload_is_never_recorded_and_training_resumes_from_a_verified_one(
@@ -100,7 +100,7 @@ def test_a_checkpoint_cut_mid_upload_is_never_recorded_and_training_resumes_from
     """Every try of one checkpoint's weights upload is cut: the worker fails naming the
     store, Ray Train restarts the group (max_failures=1), which resumes from the newest
     *verified* checkpoint; the cut one is never recorded and its leftovers are deleted."""
-    from cfgd.train import fit
+    from cfgd.train.trainer import fit
 
     run = f"cut-{time.monotonic_ns()}"
     opts = s3.storage_options(endpoint_url=proxy.endpoint_url)

@@ -7,12 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cfgd.checkpoint import write_checkpoint
 from cfgd.config import ConfigError, load_config, to_dict
-from cfgd.generate import Generator
-from cfgd.images import decode_png, to_uint8
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.sweep import SweepConfig, rows_per_image, run_sweep, sweep_axes
+from cfgd.data.images import decode_png, to_uint8
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.io.checkpoint import write_checkpoint
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+from cfgd.sweep.runner import run_sweep
+from cfgd.sweep.sweep_grid import SweepConfig, rows_per_image, sweep_axes
 from tinynet import tiny_net
 from test_evaluate import make_digits_shards, make_tiny_evaluator
 
@@ -73,7 +74,7 @@ def test_tiny_sweep_writes_outputs_and_a_rerun_skips_done_points(ray_local, setu
     assert a.column("label").to_pylist() == b.column("label").to_pylist() == [i % 10 for i in range(20)]
     assert set(b.column("w").to_pylist()) == {2.0}
     # A stored sample (sampled in a mixed-w chunk on a Ray actor) is the same image sampled alone.
-    alone = Generator.load(setup["checkpoint"]).sample([3], [10], SamplingPlan(solver=Solver(steps=4),
+    alone = CheckpointSampler.load(setup["checkpoint"]).sample([3], [10], SamplingPlan(solver=Solver(steps=4),
                                                                                 rows=(Guidance(w=2.0),)))
     stored = decode_png(b.column("image")[3].as_py())
     assert np.abs(to_uint8(alone)[0].astype(int) - stored.astype(int)).max() <= 1
@@ -122,7 +123,7 @@ def test_sweep_axes_and_validation():
 
 def test_sweep_job_parses_top_level_keys_and_rejects_unknown_ones(capsys):
     from cfgd.cli import parse
-    from cfgd.sweep import SweepConfig, sweep_axes
+    from cfgd.sweep.sweep_grid import SweepConfig, sweep_axes
 
     def job_parse(argv):  # what jobs/sweep.py does with its command line
         return parse("sweep", argv, schema=SweepConfig, check=sweep_axes)

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cfgd.checkpoint import find_checkpoints
 from cfgd.config import ConfigError, load_config
-from cfgd.sweep import SweepConfig, run_sweep
-from cfgd.train_eval import metric_key, progress_note, read_records
+from cfgd.io.checkpoint import find_checkpoints
+from cfgd.sweep.runner import run_sweep
+from cfgd.sweep.sweep_grid import SweepConfig
+from cfgd.train.checkpoint_eval import metric_key, progress_note, read_records
 from test_evaluate import make_digits_shards, make_tiny_evaluator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_progress_note_names_the_newest_evaluation():
 
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
-    from cfgd.train import learning_rate
+    from cfgd.train.lr_schedule import learning_rate
 
     cfg = load_config(None, ["train.lr=1e-3", "train.warmup_steps=100", "train.steps=600"]).train
     assert learning_rate(cfg, 0) == pytest.approx(1e-5) and learning_rate(cfg, 99) == pytest.approx(1e-3)

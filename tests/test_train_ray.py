@@ -14,8 +14,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from cfgd.checkpoint import find_checkpoints, load_checkpoint
-from cfgd.grid import zoom_for
+from cfgd.io.checkpoint import find_checkpoints, load_checkpoint
+from cfgd.sampling.tiles import zoom_for
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 MAX_LINES = 60  # the console story of train + sample on the tiny config
@@ -74,4 +74,4 @@ def test_train_and_sample_jobs_write_checkpoints_a_labelled_grid_and_a_short_sto
     log = (tmp_path / "train.log").read_text()
     assert f"log: {tmp_path / 'train.log'}" in train.stdout
     assert "(RayTrainWorker pid=" in log and "resolved config:" in log
-    assert "Grad strides do not match bucket view strides" not in log  # DDP's layout warning (cfgd.model)
+    assert "Grad strides do not match bucket view strides" not in log  # DDP's layout warning (cfgd.model.unet)

@@ -2,7 +2,7 @@
 
 import torch
 
-from cfgd.model import build_model
+from cfgd.model.unet import build_model
 from cfgd.spec import ModelSpec
 
 

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from cfgd import console
 from cfgd.config import Config, ConfigError, config_yaml, load_structured, masked, validate
-from cfgd.storage import StorageOptions
+from cfgd.io.storage import StorageOptions
 
 LOG_DIR = Path("outputs/logs")
 WIDTH = 100  # columns of the compact config

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
-from cfgd.plan import (FIELDS, RENAMED, W_RANGE, Guidance, PlanError, Solver, field_default, field_info, plan_row,
-                       strength_columns)
-from cfgd.sources import SOURCES
+from cfgd.data.sources import SOURCES
+from cfgd.diffusion.plan import (FIELDS, RENAMED, W_RANGE, Guidance, PlanError, Solver, field_default, field_info,
+                                 plan_row, strength_columns)
+from cfgd.io.storage import StorageOptions
 from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
-from cfgd.storage import StorageOptions
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LR_SCHEDULES = ("constant", "cosine")
@@ -78,10 +78,10 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights (ramped up early); sampling uses the EMA weights
     checkpoint_every: int = 500  # steps between checkpoints (and the last step)
     keep_checkpoints: int = 2  # checkpoints kept (Ray Train retention; the newest always)
-    loss_weighting: str = "min_snr"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.loss_weights)
+    loss_weighting: str = "min_snr"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.process.loss_weights)
     min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
     keep_best_by: str = ""  # "" = keep the newest; "loss" / "fid" = the lowest (Ray always keeps the newest too)
-    # Evaluation during training (cfgd.train_eval): a Ray task next to the workers scores
+    # Evaluation during training (cfgd.train.checkpoint_eval): a Ray task next to the workers scores
     # checkpoints with the dataset's evaluator (jobs/train_evaluator.py) as a sweep would.
     eval_every: int = 0  # evaluate every N steps (a multiple of checkpoint_every) and the last; 0 = off
     evaluator: str = ""  # the evaluator artifact (path or s3://); required when eval_every > 0
@@ -112,7 +112,7 @@ def omegaconf_type(annotation: Any, grid: bool = False) -> Any:
 
 
 def plan_keys(skip: tuple[str, ...] = (), grid: bool = False) -> list[tuple]:
-    """``dataclasses.make_dataclass`` fields of the sampling plan (cfgd.plan.FIELDS): the
+    """``dataclasses.make_dataclass`` fields of the sampling plan (cfgd.diffusion.plan.FIELDS): the
     CLI's ``sample.*`` keys and the sweep's grid keys, with the plan's defaults."""
     return [(name, omegaconf_type(field_info(name).annotation, grid),
              field(default=field_default(name), metadata={"doc": field_info(name).description}))
@@ -229,7 +229,7 @@ def config_plan(sc: "SampleConfig") -> tuple[Solver, list[Guidance]]:
 
 
 def renamed(tree: dict, where: str = "") -> dict:
-    """``tree`` with old plan keys (cfgd.plan.RENAMED) under their new names, one notice each."""
+    """``tree`` with old plan keys (cfgd.diffusion.plan.RENAMED) under their new names, one notice each."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):

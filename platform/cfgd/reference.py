@@ -4,7 +4,7 @@
 page equal to what this prints, so a new key, a changed default or a reworded comment
 reaches the docs or fails the suite. Descriptions come from where the keys are declared:
 the comment on (or just above) a dataclass field, or a plan field's own description
-(``cfgd.plan``, carried in the field's metadata).
+(``cfgd.diffusion.plan``, carried in the field's metadata).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def config_reference() -> str:
              "exit status 2, naming the key. `jobs/configs/fashion_mnist.yaml` is the CPU demo, "
              "`jobs/configs/tiny.yaml` the test setup.", "",
              "The `sample.*` keys after `sample.out` are the sampling plan's: declared once in "
-             "`cfgd.plan`, they are also the sweep's keys (one value or a list: a grid dimension) and the "
+             "`cfgd.diffusion.plan`, they are also the sweep's keys (one value or a list: a grid dimension) and the "
              "HTTP request fields of `/generate` and `/bulk` (`/openapi.json` carries the same text). "
              "Old names still read, with a one-line notice: `sample.guidance_interval` → "
              "`sample.interval`, `sample.clip_denoised` → `sample.clip`.", ""]

@@ -7,22 +7,24 @@ plain Python that runs without a cluster:
   checkpoints, limits, batching, bulk output prefix): pydantic types, unknown keys refused.
 * :mod:`.schemas` — :class:`GenerateRequest`, :class:`BulkRequest` (OpenAPI comes from
   them) and :class:`RequestError` (→ 4xx naming the field).
-* :mod:`.models` — the per-replica LRU of loaded checkpoints.
-* :mod:`.batching` — one dynamic batch of requests → one ``Generator.sample`` call per
+* :mod:`.checkpoint_cache` — the per-replica LRU of loaded checkpoints;
+  :mod:`.row_padding` — :class:`RowPadded`, batch-invariant bytes.
+* :mod:`.batching` — one dynamic batch of requests → one ``CheckpointSampler.sample`` call per
   solver; responses rendered.
 * :mod:`.sampler` — :class:`SamplerCore`: what one replica holds and checks.
 * :mod:`.bulk` — bulk destinations, :class:`BulkPlan`, :func:`run_shard` (a Ray task per
-  Parquet shard); :mod:`.jobs` — :class:`ServeState`, the detached actor tracking jobs.
+  Parquet shard); :mod:`.bulk_jobs` — :class:`ServeState`, the detached actor tracking jobs.
 
-Sampling is always ``Generator.sample`` on the EMA weights; nothing here repeats the math.
+Sampling is always ``CheckpointSampler.sample`` on the EMA weights; nothing here repeats the math.
 """
 
 from cfgd.serving.batching import SampleSpec, render, sample_specs, to_http_json
 from cfgd.serving.bulk import (MANIFEST, BulkPlan, existing_shards, job_id_for, prepare_destination,
                                resolve_destination, run_shard)
-from cfgd.serving.jobs import STATE_NAMESPACE, ServeState, state_actor, state_actor_name
+from cfgd.serving.bulk_jobs import STATE_NAMESPACE, ServeState, state_actor, state_actor_name
+from cfgd.serving.checkpoint_cache import ModelCache, load_sampler
 from cfgd.serving.guard import Guard, configured_tokens, startup_message
-from cfgd.serving.models import ModelCache, load_generator
+from cfgd.serving.row_padding import RowPadded
 from cfgd.serving.sampler import SamplerCore
 from cfgd.serving.schemas import (MAX_SEED, BulkRequest, GenerateRequest, RequestError, refused, sampling_failure,
                                   validation_message)
@@ -32,6 +34,6 @@ __all__ = [
     "Guard", "configured_tokens", "startup_message", "sampling_failure", "SampleSpec", "render",
     "sample_specs", "to_http_json", "MANIFEST", "BulkPlan", "existing_shards", "job_id_for",
     "prepare_destination", "resolve_destination", "run_shard", "STATE_NAMESPACE", "ServeState", "state_actor",
-    "state_actor_name", "ModelCache", "load_generator", "SamplerCore", "MAX_SEED", "BulkRequest",
+    "state_actor_name", "ModelCache", "load_sampler", "RowPadded", "SamplerCore", "MAX_SEED", "BulkRequest",
     "GenerateRequest", "RequestError", "refused", "validation_message", "ServeSettings", "settings_from_args",
 ]

@@ -1,4 +1,4 @@
-"""One dynamic batch of /generate requests → one ``Generator.sample`` call per solver,
+"""One dynamic batch of /generate requests → one ``CheckpointSampler.sample`` call per solver,
 and each request's images rendered as its response."""
 
 from __future__ import annotations
@@ -10,24 +10,24 @@ from dataclasses import dataclass
 
 import torch
 
-from cfgd.generate import Generator
-from cfgd.grid import make_grid
-from cfgd.images import encode_png, to_uint8
-from cfgd.plan import Guidance, SamplingPlan, Solver
+from cfgd.data.images import encode_png, to_uint8
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+from cfgd.sampling.tiles import make_grid
 
 
 @dataclass
 class SampleSpec:
     """One validated /generate request: ``n`` rows of one class and one w."""
 
-    gen: Generator
+    gen: CheckpointSampler
     checkpoint: str
     label: int
     class_name: str
     seeds: list[int]
     solver: Solver
     guidance: Guidance
-    guides: dict  # guide name -> Generator (autoguidance)
+    guides: dict  # guide name -> CheckpointSampler (autoguidance)
     format: str
 
     @property
@@ -35,13 +35,13 @@ class SampleSpec:
         return len(self.seeds)
 
     def schedule_key(self) -> tuple:
-        """Requests with equal keys share one ``Generator.sample`` call: class, seed and
+        """Requests with equal keys share one ``CheckpointSampler.sample`` call: class, seed and
         the whole guidance rule may differ per row; the checkpoint and solver may not."""
         return (id(self.gen), self.solver)
 
 
 def _sample_group(members: list[SampleSpec]) -> list[torch.Tensor]:
-    """One ``Generator.sample`` call for requests that share a checkpoint and solver."""
+    """One ``CheckpointSampler.sample`` call for requests that share a checkpoint and solver."""
     first = members[0]
     labels = [s.label for s in members for _ in range(s.n)]
     seeds = [seed for s in members for seed in s.seeds]

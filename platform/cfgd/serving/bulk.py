@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from cfgd import storage
-from cfgd.generate import Generator
-from cfgd.images import encode_png, to_uint8
-from cfgd.plan import Guidance, SamplingPlan, Solver
-from cfgd.serving.models import load_generator
+from cfgd.data.images import encode_png, to_uint8
+from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.io import retry, storage, transfers
+from cfgd.io.retry import StorageError
+from cfgd.io.storage import StorageOptions
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+from cfgd.serving.checkpoint_cache import load_sampler
 from cfgd.serving.schemas import RequestError
-from cfgd.storage import StorageError, StorageOptions
 
 SHARD_NAME = "shard-{:05d}.parquet"
 SHARD_RE = re.compile(r"^shard-(\d{5})\.parquet$")
@@ -109,8 +110,8 @@ class BulkPlan:
     classes: list[int]
     counts: list[int]
     seed: int
-    solver: dict  # cfgd.plan.Solver fields
-    guidance: list[dict]  # one cfgd.plan.Guidance per strength (the "w" columns)
+    solver: dict  # cfgd.diffusion.plan.Solver fields
+    guidance: list[dict]  # one cfgd.diffusion.plan.Guidance per strength (the "w" columns)
     guide_uris: dict  # autoguidance: guide name -> checkpoint URI
     png_files: bool
     shard_size: int
@@ -172,7 +173,7 @@ class BulkPlan:
                 "total_images": self.total_images}
 
 
-_SHARD_GENERATORS: dict[tuple, Generator] = {}  # per worker process, reused by later shards
+_SHARD_SAMPLERS: dict[tuple, CheckpointSampler] = {}  # per worker process, reused by later shards
 
 
 def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads: int = 1) -> dict:
@@ -186,15 +187,15 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
     plan = BulkPlan.from_dict(plan_dict)
     torch.set_num_threads(threads)
 
-    def cached(uri: str) -> Generator:
+    def cached(uri: str) -> CheckpointSampler:
         key = (uri, repr(opts), plan.pad_rows)
-        if key not in _SHARD_GENERATORS:
-            _SHARD_GENERATORS[key] = load_generator(uri, opts, plan.pad_rows)
-        return _SHARD_GENERATORS[key]
+        if key not in _SHARD_SAMPLERS:
+            _SHARD_SAMPLERS[key] = load_sampler(uri, opts, plan.pad_rows)
+        return _SHARD_SAMPLERS[key]
 
     wanted = {(u, repr(opts), plan.pad_rows) for u in (plan.checkpoint_uri, *plan.guide_uris.values())}
-    for key in set(_SHARD_GENERATORS) - wanted:  # this job's networks are enough per worker
-        del _SHARD_GENERATORS[key]
+    for key in set(_SHARD_SAMPLERS) - wanted:  # this job's networks are enough per worker
+        del _SHARD_SAMPLERS[key]
     gen = cached(plan.checkpoint_uri)
     rows = plan.shard_rows(shard)
     idx, labels, ks, seeds = (list(v) for v in zip(*rows))
@@ -206,7 +207,7 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
     pngs = [encode_png(img) for img in to_uint8(images)]
     if plan.png_files:
         for i, png in zip(idx, pngs):
-            storage.write_bytes_atomic(f"{plan.destination}/{PNG_DIR}/{i:08d}.png", png, opts)
+            transfers.write_bytes_atomic(f"{plan.destination}/{PNG_DIR}/{i:08d}.png", png, opts)
     w_arr = np.asarray(ws, dtype=np.float64)
     table = pa.table({
         "image": pa.array(pngs, type=pa.binary()),
@@ -222,7 +223,7 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     uri = plan.shard_uri(shard)
-    storage.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), opts)
+    transfers.write_bytes_atomic(uri, buf.getvalue().to_pybytes(), opts)
     return {"shard": shard, "rows": len(rows), "uri": uri}
 
 
@@ -231,7 +232,7 @@ def existing_shards(destination: str, opts: StorageOptions | None) -> set[int]:
     fs = storage.fsspec_fs(destination, opts)
     base = storage.arrow_path(destination)
     try:
-        entries = storage.with_retries(lambda: fs.ls(base, detail=True), what=f"list {destination}")
+        entries = retry.with_retries(lambda: fs.ls(base, detail=True), what=f"list {destination}")
     except FileNotFoundError:
         return set()
     found = set()
@@ -250,8 +251,8 @@ def index_uri(output_prefix: str, job_id: str) -> str:
 def read_job(output_prefix: str, job_id: str, opts: StorageOptions | None) -> BulkPlan | None:
     """The plan of job ``job_id`` from its index entry and manifest, or None if unknown."""
     try:
-        destination = json.loads(storage.read_bytes(index_uri(output_prefix, job_id), opts))["destination"]
-        manifest = json.loads(storage.read_bytes(f"{destination}/{MANIFEST}", opts))
+        destination = json.loads(transfers.read_bytes(index_uri(output_prefix, job_id), opts))["destination"]
+        manifest = json.loads(transfers.read_bytes(f"{destination}/{MANIFEST}", opts))
         plan = BulkPlan.from_dict(manifest["plan"])
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         return None
@@ -264,18 +265,18 @@ def prepare_destination(plan: BulkPlan, output_prefix: str, opts: StorageOptions
     done. A different job in the same destination is a 409."""
     uri = f"{plan.destination}/{MANIFEST}"
     try:
-        old = json.loads(storage.read_bytes(uri, opts))
+        old = json.loads(transfers.read_bytes(uri, opts))
     except FileNotFoundError:
         old = None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(409, "destination", f"{uri} is not a readable job manifest; choose another "
                                                "destination or remove it") from None
-    if old is None and not storage.create_exclusive(uri, json.dumps(plan.manifest(), indent=2).encode(), opts):
-        old = json.loads(storage.read_bytes(uri, opts))  # another server created it first
+    if old is None and not transfers.create_exclusive(uri, json.dumps(plan.manifest(), indent=2).encode(), opts):
+        old = json.loads(transfers.read_bytes(uri, opts))  # another server created it first
     if old is not None and old.get("plan") != plan.to_dict():
         changed = sorted(k for k, v in plan.to_dict().items() if old.get("plan", {}).get(k) != v)
         raise RequestError(409, "destination", f"{plan.destination} already holds a different bulk job "
                                                f"(differs in {changed}); choose another destination")
-    storage.write_bytes_atomic(index_uri(output_prefix, plan.job_id),
+    transfers.write_bytes_atomic(index_uri(output_prefix, plan.job_id),
                                json.dumps({"destination": plan.destination}).encode(), opts)
     return {k for k in existing_shards(plan.destination, opts) if k < plan.total_shards}

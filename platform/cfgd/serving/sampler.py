@@ -10,11 +10,11 @@ from dataclasses import asdict
 import torch
 from pydantic import BaseModel
 
-from cfgd.generate import Generator
-from cfgd.plan import FIELDS, Guidance, PlanError, SamplingPlan, Solver, plan_row, strength_columns
+from cfgd.diffusion.plan import FIELDS, Guidance, PlanError, SamplingPlan, Solver, plan_row, strength_columns
+from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
-from cfgd.serving.models import ModelCache
+from cfgd.serving.checkpoint_cache import ModelCache
 from cfgd.serving.schemas import MAX_SEED, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
@@ -38,7 +38,7 @@ def _resolve_class(label: int | None, name: str | None, label_names: list[str], 
 
 def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None,
                  **override) -> tuple[Solver, Guidance]:
-    """A request's plan fields → (Solver, Guidance): the request edge of cfgd.plan.
+    """A request's plan fields → (Solver, Guidance): the request edge of cfgd.diffusion.plan.
 
     Server policy on top of the plan's own bounds: w within [w_min, w_max] and steps
     within [1, min(max_steps, T)]. Raises RequestError naming the request's field.
@@ -85,7 +85,7 @@ class SamplerCore:
     def apply(self, settings: ServeSettings) -> None:
         """Switch to new settings; the default checkpoint is loaded before this returns,
         so a bad URI fails the rollout instead of the requests. In-flight requests keep
-        the Generator they already hold."""
+        the CheckpointSampler they already hold."""
         opts = settings.storage_options()
         torch.set_num_threads(settings.torch_threads)
         old = self.cache
@@ -126,8 +126,8 @@ class SamplerCore:
                                                       "user_config naming its checkpoints")
             return self.settings, self.cache
 
-    def generator(self, name: str | None) -> tuple[str, Generator, ServeSettings]:
-        """(name, Generator, settings) for a requested checkpoint name (None = default)."""
+    def generator(self, name: str | None) -> tuple[str, CheckpointSampler, ServeSettings]:
+        """(name, CheckpointSampler, settings) for a requested checkpoint name (None = default)."""
         s, cache = self._current()
         name = s.default_checkpoint if name is None else name
         if name not in s.checkpoints:
@@ -153,8 +153,8 @@ class SamplerCore:
                           seeds=[req.seed + i for i in range(req.num_images)], solver=solver, guidance=guidance,
                           guides=self._guide(gen, guidance), format=req.format)
 
-    def _guide(self, gen: Generator, guidance: Guidance) -> dict:
-        """{name: Generator} of an autoguidance request's guide (a configured checkpoint)."""
+    def _guide(self, gen: CheckpointSampler, guidance: Guidance) -> dict:
+        """{name: CheckpointSampler} of an autoguidance request's guide (a configured checkpoint)."""
         if guidance.guide is None:
             return {}
         s, _ = self._current()

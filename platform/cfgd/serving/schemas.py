@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, ValidationError,
                       create_model, model_validator)
 
-from cfgd.plan import FIELDS, RENAMED, edge_field, field_info
+from cfgd.diffusion.plan import FIELDS, RENAMED, edge_field, field_info
 
 MAX_SEED = 2**63 - 1
 # Caps on what one request may carry, so no field can make the server allocate or loop
@@ -89,7 +89,7 @@ class _Strict(BaseModel):
         return data
 
 
-# The sampling plan's fields of a request: derived from cfgd.plan (types, bounds, defaults,
+# The sampling plan's fields of a request: derived from cfgd.diffusion.plan (types, bounds, defaults,
 # descriptions), so /openapi.json documents exactly what the plan accepts. Steps default to
 # the server's setting.
 PlanFields = create_model(

@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from cfgd import storage
 from cfgd.checks import Rule, check
-from cfgd.plan import first_error
-from cfgd.storage import StorageOptions
+from cfgd.diffusion.plan import first_error
+from cfgd.io import storage
+from cfgd.io.storage import StorageOptions
 
 
 class ServeSettings(BaseModel):
@@ -41,7 +41,7 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = 0.05
     # CPU kernels round small batches differently; padding every forward pass to a
     # multiple of this many rows makes an image's bytes independent of its batch
-    # (see RowPadded). 0 or 1 turns padding off.
+    # (see cfgd.serving.row_padding.RowPadded). 0 or 1 turns padding off.
     pad_rows: int = 16
     torch_threads: int = 1  # intra-op threads per replica / shard task
     # Bulk jobs: outputs only under this prefix (s3://bucket/prefix or a local dir);
@@ -52,7 +52,7 @@ class ServeSettings(BaseModel):
     shard_max_retries: int = 3
     max_bulk_images: int = 100_000
     max_running_jobs: int = 4  # bulk jobs running at once; more are refused with 429
-    storage: dict[str, Any] = {}  # cfgd.storage.StorageOptions fields
+    storage: dict[str, Any] = {}  # cfgd.io.storage.StorageOptions fields
 
     @classmethod
     def from_dict(cls, data: dict | None, strict: bool = True) -> "ServeSettings":

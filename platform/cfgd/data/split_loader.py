@@ -1,0 +1,83 @@
+"""Reading the Parquet shards (:mod:`cfgd.data.shards`) as decoded rows, without Ray.
+
+Two readers share one decode (:func:`decode_batch`):
+
+* :func:`load_split`: a whole split in this process as one tensor, for the
+  evaluator and the sweeps' real data (here);
+* :func:`cfgd.train.input_pipeline.read_dataset`: a lazy, streaming Ray Dataset for
+  training, which runs :func:`decode_batch` in Ray Data's tasks.
+
+torch is imported only inside :func:`load_split`: Ray Data's decode tasks import
+this module for :func:`decode_batch` and need numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cfgd.data.images import decode_png, uint8_to_unit
+from cfgd.data.shards import DatasetMeta, read_split_meta
+from cfgd.io.storage import StorageOptions, fsspec_fs
+
+if TYPE_CHECKING:
+    import torch
+
+
+def decode_batch(batch: dict, height: int, width: int, channels: int) -> dict:
+    """Decode a Ray Data numpy batch of PNG rows into model-ready arrays.
+
+    Args:
+        batch: {"image": object array (B,) of PNG bytes, "label": int (B,),
+            optionally "path": str (B,) from read_parquet(include_paths=True)}.
+        height, width, channels: expected decoded image shape (H, W, C).
+
+    Returns:
+        {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}.
+    """
+    images = batch["image"]
+    paths = batch.get("path")
+    expected = (height, width, channels)
+    out = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    for i, b in enumerate(images):
+        where = str(paths[i]) if paths is not None else "<unknown file>"
+        try:
+            arr = decode_png(b)
+        except ValueError as e:
+            raise ValueError(f"{where}: batch row {i}: {e}; expected a PNG of shape "
+                             f"(H, W, C) = {expected}") from e
+        if arr.shape != expected:
+            raise ValueError(f"{where}: batch row {i}: image decodes to shape {arr.shape}, "
+                             f"expected (H, W, C) = {expected}")
+        out[i] = arr
+    return {"image": uint8_to_unit(out), "label": np.asarray(batch["label"], dtype=np.int64)}
+
+
+def load_split(root: str, split: str, storage_options: StorageOptions | None = None,
+               limit: int = 0) -> tuple[torch.Tensor, np.ndarray, DatasetMeta]:
+    """All rows of ``<root>/<split>`` read in-process with pyarrow.
+
+    Returns images float32 (N, C, H, W) in [-1, 1], labels int64 (N,), and the meta.
+    ``limit`` > 0 keeps the first rows only.
+    """
+    import torch
+
+    fs = fsspec_fs(root, storage_options)
+    meta = read_split_meta(root, split, filesystem=fs)
+    images, labels, n = [], [], 0
+    for path in meta.files:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["image", "label"])
+        if limit:
+            table = table.slice(0, limit - n)
+        batch = {"image": np.asarray(table.column("image").to_pylist(), dtype=object),
+                 "label": table.column("label").to_numpy()}
+        out = decode_batch(batch, meta.height, meta.width, meta.channels)
+        images.append(out["image"])
+        labels.append(out["label"])
+        n += len(out["label"])
+        if limit and n >= limit:
+            break
+    return torch.from_numpy(np.concatenate(images)), np.concatenate(labels), meta
