@@ -3,15 +3,16 @@
 # it reinstalls only when pyproject.toml or the torch spec changed.
 #   CFGD_TORCH   torch requirement (default torch==2.13.0, the CPU wheel); e.g.
 #                CFGD_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-#   CFGD_EXTRAS  optional dependency groups (default: test,bench,fid: the tests compare DPM-Solver++
-#                with diffusers, and the benchmarks use it too; fid is torch-fidelity's InceptionV3)
+#   CFGD_EXTRAS  optional dependency groups (default: test,bench,fid,docs: the tests compare DPM-Solver++
+#                with diffusers, and the benchmarks use it too; fid is torch-fidelity's InceptionV3; docs
+#                builds the documentation site, which the suite checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${CFGD_TORCH:-torch==2.13.0}"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=".venv/.cfgd-installed"
-EXTRAS="${CFGD_EXTRAS:-test,bench,fid}"
+EXTRAS="${CFGD_EXTRAS:-test,bench,fid,docs}"
 # Extras installed without their dependencies: torch-fidelity declares torchvision, which pip
 # would satisfy with another torch (a multi-GB CUDA build); cfgd imports only its torch-only module.
 NO_DEPS_EXTRAS="fid"

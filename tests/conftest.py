@@ -51,3 +51,27 @@ def digits_shards(tmp_path_factory):
     write_shards(str(root), "train", images, d.target, names, rows_per_shard=300)
     write_shards(str(root), "test", images[:100], d.target[:100], names)
     return root
+
+
+# Test tiers, per file (markers registered in pyproject.toml). The fast tier,
+# `pytest -m "not slow"`, is the listed files without Ray, S3, Serve or long subprocess
+# runs; a file not listed here is slow until someone times it.
+TIERS = {
+    "test_math": {"math"}, "test_guidance_rules": {"math"}, "test_convergence": {"math"},
+    "test_images": {"math"}, "test_config": set(), "test_imports": set(), "test_layers": set(),
+    "test_readme": set(), "test_model_checkpoint": set(), "test_serve_unit": set(),
+    "test_parameterization": {"math", "slow"},
+    "test_artifact": {"s3", "slow"}, "test_data": {"ray", "slow"}, "test_evaluate": {"s3", "slow"},
+    "test_fid_inception": {"ray", "slow"}, "test_resume": {"s3", "slow"}, "test_storage": {"s3", "slow"},
+    "test_storage_faults": {"s3", "ray", "slow"}, "test_s3_pipeline": {"s3", "ray", "slow"},
+    "test_sweep": {"ray", "slow"}, "test_train_ray": {"ray", "slow"}, "test_train_eval": {"ray", "slow"},
+    "test_failures": {"ray", "slow"}, "test_cluster": {"ray", "slow"}, "test_manifests": {"serve", "slow"},
+    "test_serve": {"serve", "ray", "s3", "slow"}, "test_serve_cli": {"serve", "slow"},
+    "test_output": {"ray", "slow"}, "test_docs": {"slow"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in TIERS.get(item.path.stem, {"slow"}):
+            item.add_marker(getattr(pytest.mark, name))

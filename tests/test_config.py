@@ -89,15 +89,6 @@ def test_the_sampling_plan_of_the_default_config():
     assert [g.w for g in columns] == [0.0, 3.0] and all(g.rule == "cfg" and g.clip for g in columns)
 
 
-def test_the_readme_plan_table_is_the_plans_own_declaration():
-    """Defaults and descriptions live once (cfgd.diffusion.plan); the README's table is generated from them."""
-    from cfgd.diffusion.plan import field_table
-
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- plan-fields -->\n", 1)[1].split("\n<!-- /plan-fields -->", 1)[0]
-    assert block == field_table(), "regenerate the README's table: python -m cfgd.diffusion.plan"
-
-
 def test_sample_and_sweep_keys_are_derived_from_the_plan():
     from cfgd.diffusion.plan import FIELDS, field_default
     from cfgd.sweep.sweep_grid import SweepConfig
