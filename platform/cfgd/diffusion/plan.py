@@ -291,7 +291,7 @@ def edge_field(name: str, default: Any = _UNSET, annotation: Any = _UNSET, note:
     bounds, description), for ``pydantic.create_model``; an edge with its own default
     (Serve's ``steps`` → ``default_steps``) passes it, and a ``note`` saying so."""
     info = field_info(name)
-    kw: dict = {}
+    kw: dict = {"exclude": None}  # the plan drops guidance_scale once resolved; a request must keep it
     if default is not _UNSET:
         kw["default"] = default
     if note:
