@@ -23,7 +23,7 @@ def test_named_setups_load_and_round_trip():
 
 def test_defaults_are_safe_on_a_two_core_machine():
     cfg = Config()
-    # Two 1-CPU workers on 2 cores starve Ray Data's read tasks (shared/docs/ray-notes.md).
+    # Two 1-CPU workers on 2 cores starve Ray Data's read tasks.
     assert cfg.train.num_workers * cfg.train.cpus_per_worker < 2
     assert cfg.diffusion.p_uncond == 0.1
 

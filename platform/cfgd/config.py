@@ -62,7 +62,7 @@ class TrainConfig:
     num_cpus: int = 0  # CPUs of the embedded Ray (0 = all of this machine's)
     num_workers: int = 2  # Ray Train workers (DDP: gloo on CPU, NCCL on GPU)
     # Fractional CPUs leave room for Ray Data's read tasks: two 1-CPU workers on
-    # a 2-core machine starve them and the fit hangs (shared/docs/ray-notes.md).
+    # a 2-core machine starve them and the fit hangs.
     cpus_per_worker: float = 0.5
     threads_per_worker: int = 0  # torch intra-op threads (0 = cores / workers)
     placement_strategy: str = "PACK"  # PACK, SPREAD (workers on different nodes), STRICT_PACK or STRICT_SPREAD
