@@ -39,18 +39,9 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     """scikit-learn's 8x8 digits (1797 images, 10 classes) as train Parquet shards of 300 rows."""
-    import numpy as np
-    from sklearn.datasets import load_digits
+    from builders import write_digits
 
-    from cfgd.data.shards import write_shards
-
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    root = tmp_path_factory.mktemp("digits")
-    names = [str(i) for i in range(10)]
-    write_shards(str(root), "train", images, d.target, names, rows_per_shard=300)
-    write_shards(str(root), "test", images[:100], d.target[:100], names)
-    return root
+    return write_digits(tmp_path_factory.mktemp("digits"), test=slice(0, 100), rows_per_shard=300)
 
 
 # Test tiers, per file (markers registered in pyproject.toml). The fast tier,

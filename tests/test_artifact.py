@@ -9,21 +9,15 @@ import stat
 import pytest
 import torch
 
-from cfgd.config import Config, to_dict
 from cfgd.evaluate.evalnet import EvalNet
 from cfgd.evaluate.evaluator import Evaluator, write_evaluator
 from cfgd.io import artifact, transfers
-from cfgd.io.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint, write_checkpoint
-from cfgd.model.unet import build_model
-from cfgd.spec import ModelSpec
+from cfgd.io.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
+from builders import tiny_checkpoint
 
 
 def _model_ckpt(out, step=3):
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", 8, 1, 10))
-    return write_checkpoint(out, model_state=model.state_dict(), ema_state=model.state_dict(), optimizer_state=None,
-                            spec=model.spec, label_names=[str(i) for i in range(10)], step=step, epoch=0,
-                            config=to_dict(Config()))
+    return tiny_checkpoint(out, 0, perturb=False, step=step)
 
 
 def _evaluator(out):

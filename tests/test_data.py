@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 
+from builders import digits_uint8
 from cfgd.data import sources
 from cfgd.data.images import decode_png, encode_png
 from cfgd.data.shards import read_split_meta, validate_labels, write_shards
@@ -28,9 +28,7 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """sklearn digits as uint8 (1797, 8, 8, 1) scaled 0..16 -> 0..255, labels int64."""
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return images, d.target.astype(np.int64)
+    return digits_uint8()
 
 
 @pytest.fixture(scope="module")

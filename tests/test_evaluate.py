@@ -8,43 +8,25 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from sklearn.datasets import load_digits
 
 from cfgd.config import ConfigError
 from cfgd.config import load_structured
-from cfgd.data.shards import write_shards
 from cfgd.data.split_loader import load_split
 from cfgd.evaluate.evaluator import Evaluator, RealSplit
 from cfgd.evaluate.evaluator_config import EvaluatorConfig
-from cfgd.evaluate.evaluator_training import accuracy_of, train_evaluator
+from cfgd.evaluate.evaluator_training import accuracy_of
 from cfgd.evaluate.metrics import conditional_accuracy, fid, frechet_distance, inception_score, knn_radii, precision_recall
-from cfgd.io.storage import StorageOptions
-
-
-def make_digits_shards(root):
-    """sklearn's 8×8 digits as cfgd Parquet shards: train = all 1797, test = the first 600."""
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    names = [str(i) for i in range(10)]
-    write_shards(str(root), "train", images, d.target, names, rows_per_shard=700)
-    write_shards(str(root), "test", images[:600], d.target[:600], names)
-    return root
-
-
-def make_tiny_evaluator(data_root, out, steps=60, storage=None):
-    cfg = EvaluatorConfig(data_root=str(data_root), out=str(out), widths=[8, 16], feature_dim=32, epochs=5,
-                          max_steps=steps, batch_size=64, lr=5e-3, storage=storage or StorageOptions())
-    return train_evaluator(cfg, log=lambda _: None)[0]
+from builders import tiny_evaluator, write_digits
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return make_digits_shards(tmp_path_factory.mktemp("digits"))
+    return write_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
 def evaluator(digits, tmp_path_factory):
-    return make_tiny_evaluator(digits, tmp_path_factory.mktemp("ev") / "evaluator")
+    return tiny_evaluator(digits, tmp_path_factory.mktemp("ev") / "evaluator")
 
 
 # ------------------------------------------------------------------ FID

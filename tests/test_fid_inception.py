@@ -11,20 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
 
-from cfgd.config import ConfigError, load_config, to_dict
-from cfgd.data.shards import write_shards
+from cfgd.config import ConfigError
 from cfgd.evaluate import fid_inception
 from cfgd.evaluate.evaluator import RealSplit
 from cfgd.evaluate.fid_inception import CONFIG_KEY, InceptionFID, real_halves, to_inception_input
 from cfgd.evaluate.metrics import Embedding, fid
 from cfgd.io.artifact import sha256_file
-from cfgd.io.checkpoint import write_checkpoint
-from cfgd.model.unet import ModelSpec, build_model
 from cfgd.sweep.runner import run_sweep
 from cfgd.sweep.sweep_grid import SweepConfig
-from test_evaluate import make_tiny_evaluator
+from builders import tiny_checkpoint, tiny_evaluator, write_digits
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
                                 reason="torch-fidelity is the fid extra: bash scripts/setup.sh installs it")
@@ -154,17 +150,10 @@ def test_real_halves_are_the_evaluator_split():
 def tiny_run(tmp_path_factory):
     """Digits data whose test split has 4 images (reference half 2), an evaluator and a checkpoint."""
     root = tmp_path_factory.mktemp("fidsweep")
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    names = [str(i) for i in range(10)]
-    write_shards(str(root / "data"), "train", images[:400], d.target[:400], names)
-    write_shards(str(root / "data"), "test", images[400:404], d.target[400:404], names)
-    evaluator = make_tiny_evaluator(root / "data", root / "evaluator", steps=20)
-    torch.manual_seed(0)
-    model = build_model(ModelSpec("tiny", image_size=8, in_channels=1, num_classes=10)).eval()
-    cfg = load_config(None, ["diffusion.timesteps=50", f"data.root={root / 'data'}"])
-    write_checkpoint(root / "run" / "checkpoint_a", model_state=model.state_dict(), ema_state=model.state_dict(),
-                     optimizer_state=None, spec=model.spec, label_names=names, step=1, epoch=0, config=to_dict(cfg))
+    write_digits(root / "data", train=slice(0, 400), test=slice(400, 404), rows_per_shard=400)
+    evaluator = tiny_evaluator(root / "data", root / "evaluator", steps=20)
+    tiny_checkpoint(root / "run" / "checkpoint_a", 0, perturb=False, step=1,
+                    overrides=["diffusion.timesteps=50", f"data.root={root / 'data'}"])
     return {"root": root, "evaluator": evaluator.path}
 
 

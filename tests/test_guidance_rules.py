@@ -15,7 +15,7 @@ from cfgd.diffusion.guidance import GuidedDenoiser, Rows, plan_cost
 from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver, first_error
 from cfgd.diffusion.process import make_schedule
 from cfgd.diffusion.solvers import ddim_timesteps, sample
-from test_math import gaussian_eps
+from builders import gaussian_eps
 
 NULL = 10
 SHAPE = (1, 4, 4)

@@ -87,3 +87,18 @@ def test_every_layer_says_what_it_is():
             continue
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc) > 80, f"{init} needs a docstring saying what the layer is"
+
+
+def test_no_test_file_imports_another_test_file():
+    """Shared fixtures live in conftest.py, shared builders in helper modules (tests/builders.py)."""
+    tests = Path(__file__).resolve().parent
+    def imported(path):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                yield from (alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                yield node.module or ""
+
+    crossing = {p.name: sorted(i for i in imported(p) if i.split(".")[0].startswith("test_"))
+                for p in sorted(tests.glob("test_*.py"))}
+    assert {name: hits for name, hits in crossing.items() if hits} == {}

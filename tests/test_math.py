@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from cfgd.diffusion.guidance import GuidedDenoiser, combine
 from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
 from cfgd.diffusion.solvers import ddim_coefficients, ddim_timesteps, sample
+from builders import gaussian_eps
 from cfgd.spec import null_label
 
 
@@ -215,16 +216,6 @@ def test_ddim_sigma_is_zero_at_eta_zero_and_ddpm_at_eta_one():
     ab_t, ab_p = s.alphas_cumprod[t - 1], s.alphas_cumprod[t - 2]
     beta_tilde = (1 - ab_p) / (1 - ab_t) * s.betas[t - 1]
     assert coefs[1000 - t][4] ** 2 == pytest.approx(beta_tilde, rel=1e-9)
-
-
-def gaussian_eps(mu: float, std: float, schedule):
-    """The exact ε-predictor for data ~ N(mu, std²): E[ε | x_t]."""
-
-    def eps(x, t, y):
-        a = schedule.alpha_bar(t).to(x.dtype)[:, None, None, None]
-        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * std**2 + 1 - a)
-
-    return eps
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])

@@ -19,7 +19,7 @@ from cfgd.model.unet import MODEL_SIZES, ModelSpec, build_model
 from cfgd.sampling.checkpoint_sampler import CPU_ROWS_PER_CALL, CheckpointSampler, eps_fn_of
 from cfgd.sampling.tiles import make_grid
 from cfgd.spec import null_label
-from tinynet import tiny_net
+from builders import digits_batch, tiny_net
 
 
 def _plan(ws, steps=10, eta=0.0, intervals=None, clip=True):
@@ -85,12 +85,8 @@ def test_seeded_sample_is_the_same_alone_and_in_a_batch_of_64(tiny):
 
 
 def test_tiny_model_overfits_one_batch():
-    from sklearn.datasets import load_digits
-
     torch.manual_seed(0)
-    digits = load_digits()
-    x0 = torch.tensor(digits.images[:16] / 8.0 - 1.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(digits.target[:16])
+    x0, y = digits_batch(16)
     model = build_model(ModelSpec("tiny", 8, 1, 10))
     s = make_schedule("cosine", 100)
     g = torch.Generator().manual_seed(0)

@@ -20,7 +20,7 @@ from cfgd.diffusion.solvers import sample
 from cfgd.io.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
 from cfgd.model.unet import ModelSpec, build_model
 from cfgd.sampling.checkpoint_sampler import CPU_ROWS_PER_CALL, CheckpointSampler, eps_fn_of
-from tinynet import tiny_net
+from builders import digits_batch, tiny_net
 
 NULL = 10
 SHAPE = (1, 2, 2)
@@ -243,20 +243,12 @@ def test_zero_terminal_snr_sampling_recovers_gaussian_data():
 # ---------------------------------------------------------------- tiny networks
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x0 = torch.tensor(digits.images[:16] / 8.0 - 1.0, dtype=torch.float32)[:, None]
-    return x0, torch.tensor(digits.target[:16])
-
-
 # ε with uniform weights: tests/test_model_checkpoint.py::test_tiny_model_overfits_one_batch.
 @pytest.mark.parametrize("param,weighting,zts", [("eps", "min_snr", False), ("v", "min_snr", True),
                                                  ("x0", "min_snr", False)])
 def test_tiny_model_overfits_one_batch(param, weighting, zts):
     torch.manual_seed(0)
-    x0, y = _digits()
+    x0, y = digits_batch(16)
     model = build_model(ModelSpec("tiny", 8, 1, 10))
     s = make_schedule("cosine", 100, zero_terminal_snr=zts)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
+from builders import digits_uint8
 from cfgd.config import load_config
 from cfgd.io.checkpoint import CheckpointError, fetch_checkpoint, load_checkpoint
 from cfgd.io.retry import StorageError
@@ -24,10 +24,10 @@ BUCKET = "s3://cfgd-test/e2e"
 
 @pytest.fixture(scope="module")
 def digits_npz(tmp_path_factory):
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    images, labels = digits_uint8()
+    images = images[..., 0]
     path = tmp_path_factory.mktemp("npz") / "digits.npz"
-    np.savez(path, x_train=images[:1500], y_train=d.target[:1500], x_test=images[1500:], y_test=d.target[1500:],
+    np.savez(path, x_train=images[:1500], y_train=labels[:1500], x_test=images[1500:], y_test=labels[1500:],
              class_names=np.array([f"digit {i}" for i in range(10)]))
     return path
 

@@ -21,12 +21,10 @@ import requests
 
 import readme
 from cfgd import serving
-from cfgd.config import Config, to_dict
 from cfgd.data.images import decode_png
 from cfgd.data.sources import FASHION_MNIST_CLASSES
 from cfgd.io import storage, transfers
-from cfgd.io.checkpoint import write_checkpoint
-from tinynet import tiny_net
+from builders import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,13 +38,7 @@ BULK_PREFIX = "s3://cfgd-test/bulk/"
 
 
 def _tiny_checkpoint(directory: Path, seed: int) -> str:
-    model = tiny_net(seed)
-    config = to_dict(Config())
-    config["diffusion"]["timesteps"] = T
-    path = write_checkpoint(directory, model_state=model.state_dict(), ema_state=model.state_dict(),
-                            optimizer_state=None, spec=model.spec, label_names=LABELS, step=seed, epoch=0,
-                            config=config)
-    return str(path)
+    return str(tiny_checkpoint(directory, seed, overrides=[f"diffusion.timesteps={T}"], label_names=LABELS))
 
 
 def _free_port() -> int:
@@ -450,6 +442,20 @@ def test_bulk_job_writes_parquet_to_s3_and_a_repost_skips_done_shards(server, s3
     assert conflict.status_code == 409 and conflict.json()["field"] == "destination"
 
 
+def _wait_no_shard_tasks(timeout=60):
+    """Poll Ray's task table until no bulk shard task is pending or running."""
+    from ray.util.state import list_tasks
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        live = [t for t in list_tasks(filters=[("name", "=", "run_shard")], limit=10_000)
+                if t["state"] not in ("FINISHED", "FAILED")]
+        if not live:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"bulk shard tasks still live {timeout}s after the cancel: {live}")
+
+
 def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel(server, s3, ray_local):
     opts = s3.storage_options()
     dest = "s3://cfgd-test/bulk/job2"
@@ -481,9 +487,13 @@ def test_bulk_jobs_refuse_overlaps_recover_after_the_state_actor_dies_and_cancel
     third = _post(server, "/bulk", {**body, "destination": "job3", "counts": 64}).json()
     cancelled = requests.delete(f"{server['url']}/bulk/{third['job_id']}", timeout=30)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
-    time.sleep(2)
+    _wait_no_shard_tasks()  # the cancelled shard tasks have stopped: nothing more can be written
     st = requests.get(f"{server['url']}/bulk/{third['job_id']}", timeout=30).json()
     assert st["state"] == "cancelled" and st["done_shards"] < st["total_shards"]
+    dest3 = "s3://cfgd-test/bulk/job3"
+    written = [f for f in _shard_files(fs, dest3) if fs.info(f)["type"] == "file"] if fs.exists(
+        storage.arrow_path(dest3)) else []
+    assert len(written) == st["done_shards"]  # no shard landed after the cancel
     assert requests.delete(f"{server['url']}/bulk/0123456789abcdef", timeout=30).status_code == 404
     # Identical POSTs at once: one job, started once.
     twin = {**body, "destination": "job4", "counts": 4, "steps": 5}
@@ -502,23 +512,37 @@ def test_a_killed_sampler_replica_costs_503s_not_500s(server, ray_local):
     from ray.util.state import list_actors
 
     body = {"class_label": 2, "w": 1.0, "seed": 5, "steps": 5}
-    results, stop = [], threading.Event()
+    results, stop, lock = [], threading.Event(), threading.Lock()
+    in_flight = {}  # thread -> start time of its request now in flight
 
     def load():
+        me = threading.get_ident()
         while not stop.is_set():
             t = time.time()
+            with lock:
+                in_flight[me] = t
             try:
                 r = _post(server, "/generate", body, timeout=120)
-                results.append((t, time.time(), r.status_code, r.headers.get("retry-after")))
+                out = (t, time.time(), r.status_code, r.headers.get("retry-after"))
             except requests.RequestException as exc:  # a hang past the timeout is a failure
-                results.append((t, time.time(), repr(exc), None))
+                out = (t, time.time(), repr(exc), None)
+            with lock:
+                in_flight.pop(me, None)
+                results.append(out)
 
     (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
                   if a["class_name"] == f"ServeReplica:{APP}:Sampler"]
     threads = [threading.Thread(target=load) for _ in range(4)]
     for th in threads:
         th.start()
-    time.sleep(3)
+    deadline = time.time() + 60  # the replica serves, and requests are in flight, before the kill
+    while time.time() < deadline:
+        with lock:
+            served = any(code == 200 for *_, code, _ in results)
+            oldest = min(in_flight.values(), default=None)
+        if served and oldest is not None and time.time() - oldest > 0.05:
+            break
+        time.sleep(0.02)
     killed_at = time.time()
     os.kill(replica["pid"], signal.SIGKILL)
     deadline = killed_at + 90
@@ -528,6 +552,7 @@ def test_a_killed_sampler_replica_costs_503s_not_500s(server, ray_local):
     for th in threads:
         th.join(timeout=150)
     after = [(t0, t1, code, ra) for t0, t1, code, ra in results if t1 > killed_at]
+    assert any(t0 < killed_at for t0, *_ in after), "no request was in flight when the replica was killed"
     codes = [code for _, _, code, _ in after]
     assert all(code in (200, 503) for code in codes), codes
     assert all(ra for _, _, code, ra in after if code == 503)

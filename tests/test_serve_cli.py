@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 import readme
-from test_serve import _tiny_checkpoint
+from builders import tiny_checkpoint
+from cfgd.data.sources import FASHION_MNIST_CLASSES
 
 
 def _port_free(port: int) -> bool:
@@ -30,7 +31,8 @@ def test_ctrl_c_stops_the_readme_serve_command_within_seconds(tmp_path):
     for part in ("scripts", "serve"):
         shutil.copytree(readme.ROOT / part, tmp_path / part)
     os.symlink(readme.ROOT / ".venv", tmp_path / ".venv")
-    _tiny_checkpoint(tmp_path / "outputs/runs/fashion_mnist_demo/checkpoint_0", seed=1)
+    tiny_checkpoint(tmp_path / "outputs/runs/fashion_mnist_demo/checkpoint_0", seed=1,
+                    overrides=["diffusion.timesteps=100"], label_names=FASHION_MNIST_CLASSES)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,

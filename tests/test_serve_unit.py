@@ -45,9 +45,9 @@ class _FailsOnLabel(torch.nn.Module):
 
 
 def test_a_request_that_fails_inside_a_batch_fails_alone(tmp_path):
-    from test_artifact import _model_ckpt
+    from builders import tiny_checkpoint
 
-    ck = load_checkpoint(_model_ckpt(tmp_path / "m"))
+    ck = load_checkpoint(tiny_checkpoint(tmp_path / "m", 0, perturb=False))
     good_gen = CheckpointSampler(ck, build_network(ck), torch.device("cpu"))
     gen = CheckpointSampler(ck, _FailsOnLabel(build_network(ck), 9), torch.device("cpu"))
     solver = Solver(steps=3)

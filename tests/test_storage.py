@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
+
+import fsspec
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from cfgd.io import access, retry, storage, transfers
+from cfgd.io import access, atomic, retry, storage, transfers
 from cfgd.io.retry import StorageError
 from cfgd.io.storage import StorageOptions
 
@@ -155,6 +158,29 @@ def test_local_paths(tmp_path):
     assert transfers.upload_dir(str(src), uri + "/ckpt") == ["a.txt", "sub/b.bin"]
     assert transfers.download_dir(uri + "/ckpt", str(tmp_path / "dst")) == ["a.txt", "sub/b.bin"]
     assert (tmp_path / "dst" / "sub" / "b.bin").read_bytes() == b"\0B"
+
+
+def test_staged_dir_replaces_whole_or_not_at_all_and_exclusive_lets_the_first_commit_win(tmp_path):
+    final = tmp_path / "entry"
+    with atomic.staged_dir(str(final)) as tmp:
+        Path(tmp, "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.staged_dir(str(final)) as tmp:
+            Path(tmp, "a").write_text("new, half written")
+            raise RuntimeError("crash inside the write")
+    assert (final / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
+
+    shared = tmp_path / "cache-entry"
+    with pytest.raises(FileExistsError):
+        with atomic.staged_dir(str(shared), exclusive=True) as first:
+            Path(first, "w").write_text("first")
+            with atomic.staged_dir(str(shared), exclusive=True) as second:  # another process, faster
+                Path(second, "w").write_text("second")
+    assert (shared / "w").read_text() == "second"  # the winner's entry, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-entry", "entry"]  # no staged copy left
+    with pytest.raises(ValueError, match="local filesystem"):
+        with atomic.staged_dir("bucket/x", fsspec.filesystem("memory"), exclusive=True):
+            pass
 
 
 # ----------------------------------------------------------------- real server

@@ -6,7 +6,6 @@ complete that is not: docs/storage-faults.md has the findings and the rules.
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 

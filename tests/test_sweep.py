@@ -7,27 +7,22 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cfgd.config import ConfigError, load_config, to_dict
+from cfgd.config import ConfigError
 from cfgd.data.images import decode_png, to_uint8
 from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
-from cfgd.io.checkpoint import write_checkpoint
 from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.sweep.runner import run_sweep
 from cfgd.sweep.sweep_grid import SweepConfig, rows_per_image, sweep_axes
-from tinynet import tiny_net
-from test_evaluate import make_digits_shards, make_tiny_evaluator
+from builders import tiny_checkpoint, tiny_evaluator, write_digits
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    digits = make_digits_shards(root / "digits")
-    evaluator = make_tiny_evaluator(digits, root / "evaluator", steps=40)
-    model = tiny_net(0)
-    cfg = load_config(None, ["diffusion.timesteps=100", f"data.root={digits}"])
-    ckpt = write_checkpoint(root / "run" / "checkpoint_a", model_state=model.state_dict(),
-                            ema_state=model.state_dict(), optimizer_state=None, spec=model.spec,
-                            label_names=[str(i) for i in range(10)], step=5, epoch=0, config=to_dict(cfg))
+    digits = write_digits(root / "digits")
+    evaluator = tiny_evaluator(digits, root / "evaluator", steps=40)
+    ckpt = tiny_checkpoint(root / "run" / "checkpoint_a", 0, step=5,
+                           overrides=["diffusion.timesteps=100", f"data.root={digits}"])
     return {"root": root, "checkpoint": ckpt, "evaluator": evaluator}
 
 

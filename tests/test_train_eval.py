@@ -18,14 +18,14 @@ from cfgd.io.checkpoint import find_checkpoints
 from cfgd.sweep.runner import run_sweep
 from cfgd.sweep.sweep_grid import SweepConfig
 from cfgd.train.checkpoint_eval import metric_key, progress_note, read_records
-from test_evaluate import make_digits_shards, make_tiny_evaluator
+from builders import tiny_evaluator, write_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_local, tmp_path):
-    digits = make_digits_shards(tmp_path / "digits")
-    ev = make_tiny_evaluator(digits, tmp_path / "evaluator", steps=40)
+    digits = write_digits(tmp_path / "digits")
+    ev = tiny_evaluator(digits, tmp_path / "evaluator", steps=40)
     runs = tmp_path / "runs"
     args = [f"data.root={digits}", f"train.storage_path={runs}", "train.run_name=watched", "train.steps=6",
             "train.checkpoint_every=2", "train.eval_every=2", "train.keep_checkpoints=1", "train.keep_best_by=fid",

@@ -298,19 +298,3 @@ def edge_field(name: str, default: Any = _UNSET, annotation: Any = _UNSET, note:
         kw["description"] = f"{info.description}; {note}"
     return (info.annotation if annotation is _UNSET else annotation), FieldInfo.merge_field_infos(info, **kw)
 
-
-def field_table(prefix: str = "", skip: tuple[str, ...] = ()) -> str:
-    """The plan's fields as a Markdown table (key, default, what it is): the README's and
-    the docs' table, generated from the declarations (a test keeps them equal)."""
-    def shown(v: Any) -> str:
-        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-    lines = ["| key | default | what it is |", "|---|---|---|"]
-    for name in FIELDS:
-        if name not in skip:
-            lines.append(f"| `{prefix}{name}` | {shown(field_default(name))} | {field_info(name).description} |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m cfgd.diffusion.plan: the table the README and docs carry
-    print(field_table())

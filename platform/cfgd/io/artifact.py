@@ -30,12 +30,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from cfgd.io import storage, transfers
 from cfgd.io.atomic import staged_dir
 from cfgd.io.retry import with_retries
 from cfgd.io.storage import StorageOptions
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -80,9 +83,8 @@ def write(out: str, kind: str, stage: Callable[[Path], Sequence[str]], fields: d
         raise ArtifactError(f"refusing to overwrite the {kind} at {out} (it already has a {META})")
     if storage.is_remote(out):
         with tempfile.TemporaryDirectory(prefix="cfgd-artifact-") as tmp:
-            meta = _stage(Path(tmp), kind, stage, fields)
-            transfers.upload_dir(tmp, out, opts)  # the files first ...
-            transfers.write_bytes_atomic(f"{out.rstrip('/')}/{META}", meta, opts)  # ... meta.json last
+            (Path(tmp) / META).write_bytes(_stage(Path(tmp), kind, stage, fields))
+            persist(tmp, storage.arrow_fs(out, opts), target)  # the files verified, meta.json last
         return out
     with staged_dir(target, fs) as tmp:  # replaces an earlier artifact, or an incomplete leftover (no meta.json)
         (Path(tmp) / META).write_bytes(_stage(Path(tmp), kind, stage, fields))
@@ -96,7 +98,7 @@ def _stage(tmp: Path, kind: str, stage: Callable[[Path], Sequence[str]], fields:
     return json.dumps(meta, indent=2, sort_keys=True).encode()
 
 
-def persist(local_dir: str | Path, fs: "pafs.FileSystem", dest: str, attempts: int = 5) -> list[str]:
+def persist(local_dir: str | Path, fs: pafs.FileSystem, dest: str, attempts: int = 5) -> list[str]:
     """Copy an artifact directory to ``dest`` on a pyarrow filesystem, verified: each file
     is written through an output stream that is closed explicitly (so an upload error is
     raised, not swallowed), then its size in the store is checked; meta.json goes last.
@@ -214,19 +216,15 @@ def fetch(uri: str, kind: str, required: Sequence[str], opts: StorageOptions | N
         return local, verify(local, kind, required, legacy_kind)  # cached and intact
     except ArtifactError:
         shutil.rmtree(local, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    fs = storage.fsspec_fs(uri, opts)
+    names = sorted(meta["files"])
+    rpaths = [storage.arrow_path(f"{uri}/{n}") for n in names]
     try:
-        fs = storage.fsspec_fs(uri, opts)
-        names = sorted(meta["files"])
-        rpaths = [storage.arrow_path(f"{uri}/{n}") for n in names]
-        with_retries(lambda: fs.get(rpaths, [str(tmp / n) for n in names]), what=f"download {uri}")
-        (tmp / META).write_bytes(raw)
-        verified = verify(tmp, kind, required, legacy_kind)
-        try:
-            os.replace(tmp, local)
-        except OSError:  # another process filled the entry first: use theirs
-            if not (local / META).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with staged_dir(str(local), exclusive=True) as tmp:
+            with_retries(lambda: fs.get(rpaths, [f"{tmp}/{n}" for n in names]), what=f"download {uri}")
+            Path(tmp, META).write_bytes(raw)
+            verified = verify(tmp, kind, required, legacy_kind)
+    except FileExistsError:  # another process filled the entry first: use theirs
+        if not (local / META).is_file():
+            raise
     return local, verified  # the same digest: the same files, whoever renamed them in

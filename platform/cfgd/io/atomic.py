@@ -16,6 +16,7 @@ of objects is committed by writing its marker last (:mod:`cfgd.io.artifact`).
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import tempfile
@@ -52,23 +53,42 @@ def staged_file(path: str, exclusive: bool = False) -> Iterator[BinaryIO]:
 
 
 @contextmanager
-def staged_dir(final: str, fs: fsspec.AbstractFileSystem | None = None) -> Iterator[str]:
+def staged_dir(final: str, fs: fsspec.AbstractFileSystem | None = None, exclusive: bool = False) -> Iterator[str]:
     """A new, empty hidden sibling directory of ``final`` to fill; on a normal exit it
     replaces ``final`` (created or replaced), on an error it is removed.
 
     ``final`` is a path in ``fs``'s convention (posix, no protocol); ``fs``: local by default.
+    ``exclusive`` (local only): commit only if nothing is at ``final`` — one rename, so of
+    several processes filling the same entry exactly one wins; the others get
+    FileExistsError and their staged copy is removed.
     """
     fs = fs if fs is not None else fsspec.filesystem("file")
+    if exclusive and not isinstance(fs, LocalFileSystem):
+        raise ValueError("staged_dir(exclusive=True) needs a local filesystem (one atomic rename)")
     parent, name = posixpath.dirname(final), posixpath.basename(final)
     tag = uuid.uuid4().hex[:8]
     tmp = posixpath.join(parent, f".{name}.tmp-{tag}")
     fs.makedirs(tmp, exist_ok=True)
     try:
         yield tmp
-        _replace_dir(fs, tmp, final, posixpath.join(parent, f".{name}.old-{tag}"))
+        if exclusive:
+            _rename_new(tmp, final)
+        else:
+            _replace_dir(fs, tmp, final, posixpath.join(parent, f".{name}.old-{tag}"))
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
+        raise
+
+
+def _rename_new(src: str, dst: str) -> None:
+    """Rename a local directory to a name that must not exist yet (an empty directory at
+    ``dst`` counts as nothing: rename(2) replaces it)."""
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "already exists", dst) from None
         raise
 
 
