@@ -15,6 +15,13 @@ def test_named_setups_load_and_round_trip():
     for path in (ROOT / "jobs/configs").glob("*.yaml"):
         if path.name == "sweep.yaml":  # a cfgd.sweep.sweep_grid.SweepConfig, tested in test_sweep.py
             continue
+        if path.name == "judge.yaml":  # an EvaluatorConfig (jobs/train_evaluator.py)
+            from cfgd.config import load_structured
+            from cfgd.evaluate.evaluator_config import EvaluatorConfig, validate_evaluator_config
+
+            judge = validate_evaluator_config(load_structured(EvaluatorConfig, path, []))
+            assert judge.arch == "judgenet" and judge.seed != EvaluatorConfig.seed and judge.augment_shift > 0
+            continue
         cfg = load_config(path)
         assert from_dict(to_dict(cfg)) == cfg
     demo = load_config(ROOT / "jobs/configs/fashion_mnist.yaml", ["train.steps=5", "sample.w=[0,2]"])

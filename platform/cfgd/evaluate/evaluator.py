@@ -7,7 +7,7 @@ Evaluator checkpoint (a directory, local or ``s3://``)::
                         test accuracy, training settings, size + sha256 of the weights
 
 Written and verified through :mod:`cfgd.io.artifact`; the network is
-:class:`cfgd.evaluate.evalnet.EvalNet`, the metrics :mod:`cfgd.evaluate.metrics`,
+:class:`cfgd.evaluate.evalnet.EvalNet` or ``JudgeNet`` (meta.json names it), the metrics :mod:`cfgd.evaluate.metrics`,
 training it :mod:`cfgd.evaluate.evaluator_training`.
 """
 
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cfgd.data.images import uint8_to_model
 from cfgd.data.split_loader import load_split
-from cfgd.evaluate.evalnet import EvalNet
+from cfgd.evaluate.evalnet import build_classifier
 from cfgd.evaluate.metrics import Embedding, compute_metrics
 from cfgd.io import artifact
 from cfgd.io.storage import StorageOptions
@@ -36,7 +36,7 @@ WEIGHTS = "model.safetensors"
 class Evaluator:
     """A loaded evaluation network (eval mode, CPU) and its meta.json."""
 
-    net: EvalNet
+    net: torch.nn.Module  # EvalNet or JudgeNet (cfgd.evaluate.evalnet)
     meta: dict[str, Any]
     path: str = ""
 
@@ -62,8 +62,7 @@ class Evaluator:
     def load(cls, uri: str | Path, storage_options: StorageOptions | None = None) -> "Evaluator":
         """An evaluator checkpoint directory, local or ``s3://`` (downloaded to a cache and verified)."""
         local, meta = artifact.fetch(str(uri), KIND, [WEIGHTS], storage_options)
-        a = meta["arch"]
-        net = EvalNet(a["in_channels"], a["num_classes"], a["widths"], a["feature_dim"])
+        net = build_classifier(meta["arch"])
         net.load_state_dict(load_file(local / WEIGHTS))
         return cls(net.eval(), meta, str(uri))
 
@@ -125,7 +124,7 @@ class RealSplit:
                                self.pr_reference(n), k, is_splits)
 
 
-def write_evaluator(out: str, net: EvalNet, meta: dict[str, Any], storage_options: StorageOptions | None = None,
+def write_evaluator(out: str, net: torch.nn.Module, meta: dict[str, Any], storage_options: StorageOptions | None = None,
                     overwrite: bool = False) -> str:
     """Write weights + meta.json to ``out``, local or ``s3://``, atomically (cfgd.io.artifact)."""
     def stage(tmp: Path) -> list[str]:

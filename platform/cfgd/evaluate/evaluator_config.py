@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from cfgd.checks import Rule, check
 from cfgd.config import ConfigError
+from cfgd.evaluate.evalnet import ARCHS
 from cfgd.io.storage import StorageOptions
 
 
@@ -15,7 +16,8 @@ class EvaluatorConfig:
 
     data_root: str = "outputs/data/fashion_mnist"  # Parquet shards <root>/{train,test}/ (path or s3://)
     out: str = "outputs/evaluators/fashion_mnist"  # evaluator checkpoint directory (path or s3://)
-    widths: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv widths; pool after all but the last
+    arch: str = "evalnet"  # evalnet (the platform's evaluator) or judgenet (a ResNet: a second judge)
+    widths: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv widths (evalnet: pool after all but the last)
     feature_dim: int = 128  # the feature space of FID and precision/recall
     epochs: int = 2
     max_steps: int = 0  # stop after this many optimizer steps (0 = run every epoch)
@@ -25,12 +27,15 @@ class EvaluatorConfig:
     max_train_rows: int = 0  # use only the first rows of the train split (0 = all)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     seed: int = 0
+    augment_shift: int = 0  # translate training images by up to this many pixels (0 = no augmentation)
     overwrite: bool = False  # replace an evaluator already at ``out``
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
 def validate_evaluator_config(cfg: EvaluatorConfig) -> EvaluatorConfig:
     check([
+        Rule("arch", cfg.arch, cfg.arch in ARCHS, f"one of {sorted(ARCHS)}"),
+        Rule("augment_shift", cfg.augment_shift, cfg.augment_shift >= 0, ">= 0"),
         Rule("widths", cfg.widths, len(cfg.widths) >= 1 and all(w >= 1 for w in cfg.widths),
              "a non-empty list of ints >= 1"),
         Rule("feature_dim", cfg.feature_dim, cfg.feature_dim >= 2, ">= 2"),

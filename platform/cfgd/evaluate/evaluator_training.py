@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 
 from cfgd.config import masked
 from cfgd.data.split_loader import load_split
-from cfgd.evaluate.evalnet import EvalNet
+from cfgd.evaluate.evalnet import ARCHS, EvalNet, random_shift
 from cfgd.evaluate.evaluator import Evaluator, write_evaluator
 from cfgd.evaluate.evaluator_config import EvaluatorConfig, validate_evaluator_config
 from cfgd.io.access import check_access
 
 
 @torch.inference_mode()
-def accuracy_of(net: EvalNet, images: torch.Tensor, labels: np.ndarray, batch_size: int = 1000) -> float:
+def accuracy_of(net: torch.nn.Module, images: torch.Tensor, labels: np.ndarray, batch_size: int = 1000) -> float:
     """Top-1 accuracy of ``net`` (eval mode) on images (N, C, H, W), labels (N,), computed directly."""
     net.eval()
     preds = torch.cat([net(images[lo:lo + batch_size]).argmax(1) for lo in range(0, len(images), batch_size)])
@@ -43,7 +43,7 @@ def train_evaluator(cfg: EvaluatorConfig, log=print) -> tuple[Evaluator, str]:
     log(f"[cfgd.evaluator] data {cfg.data_root}: train {len(y_train)}, test {len(y_test)} images "
         f"{tuple(x_train.shape[1:])}, {meta.num_classes} classes ({time.perf_counter() - t0:.1f}s)")
     torch.manual_seed(cfg.seed)
-    net = EvalNet(meta.channels, meta.num_classes, cfg.widths, cfg.feature_dim)
+    net = ARCHS[cfg.arch](meta.channels, meta.num_classes, cfg.widths, cfg.feature_dim)
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -59,7 +59,7 @@ def train_evaluator(cfg: EvaluatorConfig, log=print) -> tuple[Evaluator, str]:
             idx = perm[lo:lo + cfg.batch_size]
             if len(idx) < 2 or step >= total:
                 break
-            loss = F.cross_entropy(net(x_train[idx]), y_train_t[idx])
+            loss = F.cross_entropy(net(random_shift(x_train[idx], cfg.augment_shift, g)), y_train_t[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,8 +73,9 @@ def train_evaluator(cfg: EvaluatorConfig, log=print) -> tuple[Evaluator, str]:
     log(f"[cfgd.evaluator] test accuracy {test_acc:.4f} on {len(y_test)} images "
         f"after {step} steps ({time.perf_counter() - t1:.0f}s training)")
     meta_out = {
-        "arch": {"name": "EvalNet", "in_channels": meta.channels, "num_classes": meta.num_classes,
-                 "widths": list(cfg.widths), "feature_dim": cfg.feature_dim, "pool": EvalNet.POOL},
+        "arch": {"name": type(net).__name__, "in_channels": meta.channels, "num_classes": meta.num_classes,
+                 "widths": list(cfg.widths), "feature_dim": cfg.feature_dim,
+                 **({"pool": EvalNet.POOL} if isinstance(net, EvalNet) else {})},
         "image_shape": [meta.channels, meta.height, meta.width],
         "input_range": [-1.0, 1.0],
         "class_names": meta.class_names,
