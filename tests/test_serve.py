@@ -442,14 +442,26 @@ def test_bulk_job_writes_parquet_to_s3_and_a_repost_skips_done_shards(server, s3
     assert conflict.status_code == 409 and conflict.json()["field"] == "destination"
 
 
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_no_shard_tasks(timeout=60):
-    """Poll Ray's task table until no bulk shard task is pending or running."""
+    """Poll until no bulk shard task runs in a live worker process. (Ray's task table alone
+    is not enough: tasks whose owner died — the state actor killed above — stay RUNNING
+    there after their worker is gone; a cancelled or never-started task cannot write.)"""
     from ray.util.state import list_tasks
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         live = [t for t in list_tasks(filters=[("name", "=", "run_shard")], limit=10_000)
-                if t["state"] not in ("FINISHED", "FAILED")]
+                if t["state"] == "RUNNING" and _alive(t["worker_pid"])]
         if not live:
             return
         time.sleep(0.5)
