@@ -89,11 +89,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="samples per w (a multiple of 10)")
     ap.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps")
     ap.add_argument("--out", default="outputs/recipes")
+    ap.add_argument("--table", action="store_true", help="only print the table of results already measured")
     args = ap.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.table:
+        print(table(results, args))
+        return
     torch.set_num_threads(2)
     for ds in args.datasets:
         judges = {k: Evaluator.load(ROOT / v.format(ds=ds)) for k, v in JUDGES.items()}

@@ -87,6 +87,27 @@ def test_min_snr_weights_match_the_formula_at_chosen_t(param):
                                                                                                   dtype=torch.float64))
 
 
+@pytest.mark.parametrize("param", ["v", "x0"])
+def test_min_snr_offset_keeps_a_high_noise_weight_and_the_low_noise_cap(param):
+    s, gamma = make_schedule("cosine", 1000), 5.0
+    ts = [1, 50, 200, 500, 900, 1000]
+    a = s.alpha_bar(torch.tensor(ts))
+    for offset in (0.3, 1.0):
+        got = loss_weights(a, param, "min_snr", gamma, offset)
+        for t, w in zip(ts, got.tolist()):
+            ab = float(s.alphas_cumprod[t - 1])
+            snr = ab / (1 - ab)
+            want = {"v": min(snr + offset, gamma) / (snr + 1), "x0": min(snr + offset, gamma)}[param]
+            assert w == pytest.approx(want, rel=1e-12), (t, param, offset)
+        # t = T: δ in x0 terms where plain min-SNR has ~0; t = 1: both capped at γ.
+        lam_T = got[-1].item() * (1.0 if param == "x0" else 1 + float(a[-1] / (1 - a[-1])))
+        assert lam_T == pytest.approx(offset, rel=1e-6)
+        assert loss_weights(a, param, "min_snr", gamma)[-1].item() < 1e-6
+        assert got[0].item() == pytest.approx(loss_weights(a, param, "min_snr", gamma)[0].item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"min-SNR offset \(0.3\) needs parameterization v or x0"):
+        loss_weights(a, "eps", "min_snr", gamma, 0.3)
+
+
 def _replay(s, x0, seed):
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(1, s.T + 1, (x0.shape[0],), generator=g)
@@ -140,6 +161,10 @@ def test_zero_terminal_snr_with_eps_is_refused_naming_the_key():
         load_config(None, ["train.min_snr_gamma=0"])
     with pytest.raises(ConfigError, match=r"train\.loss_weighting"):
         load_config(None, ["train.loss_weighting=p2"])
+    with pytest.raises(ConfigError, match=r"train\.min_snr_offset=1\.0 is not valid.*needs parameterization v or x0"):
+        load_config(None, ["train.min_snr_offset=1", "diffusion.parameterization=eps"])
+    with pytest.raises(ConfigError, match=r"train\.min_snr_offset=-0\.5 is not valid; it must be >= 0"):
+        load_config(None, ["train.min_snr_offset=-0.5"])
 
 
 # ---------------------------------------------------------------- analytic models
@@ -244,9 +269,9 @@ def test_zero_terminal_snr_sampling_recovers_gaussian_data():
 
 
 # ε with uniform weights: tests/test_model_checkpoint.py::test_tiny_model_overfits_one_batch.
-@pytest.mark.parametrize("param,weighting,zts", [("eps", "min_snr", False), ("v", "min_snr", True),
-                                                 ("x0", "min_snr", False)])
-def test_tiny_model_overfits_one_batch(param, weighting, zts):
+@pytest.mark.parametrize("param,weighting,zts,offset", [("eps", "min_snr", False, 0.0), ("v", "min_snr", True, 0.0),
+                                                        ("x0", "min_snr", False, 0.0), ("v", "min_snr", False, 1.0)])
+def test_tiny_model_overfits_one_batch(param, weighting, zts, offset):
     torch.manual_seed(0)
     x0, y = digits_batch(16)
     model = build_model(ModelSpec("tiny", 8, 1, 10))
@@ -254,7 +279,7 @@ def test_tiny_model_overfits_one_batch(param, weighting, zts):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):  # the same t and noise every step: one batch
-        loss = training_loss(model, s, x0, y, torch.Generator().manual_seed(0), param, weighting)
+        loss = training_loss(model, s, x0, y, torch.Generator().manual_seed(0), param, weighting, offset=offset)
         opt.zero_grad()
         loss.backward()
         opt.step()

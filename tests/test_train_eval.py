@@ -30,6 +30,7 @@ def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_loc
     args = [f"data.root={digits}", f"train.storage_path={runs}", "train.run_name=watched", "train.steps=6",
             "train.checkpoint_every=2", "train.eval_every=2", "train.keep_checkpoints=1", "train.keep_best_by=fid",
             f"train.evaluator={ev.path}", "train.eval_samples=20", "train.eval_steps=4", "train.eval_w=[0,2]",
+            "train.eval_solver=dpm++2m",
             "train.log_every=2", "train.warmup_steps=1", "train.lr=3e-3",
             f"train.ray_address={ray_local.get_runtime_context().gcs_address}"]
     job = [sys.executable, str(ROOT / "jobs/train.py"), "--config", str(ROOT / "jobs/configs/tiny.yaml"), *args]
@@ -79,8 +80,8 @@ def test_checkpoints_are_scored_during_training_and_the_best_fid_is_kept(ray_loc
 
     # The scores are the sweep's: same rows, seeds, sampler and metrics at the same n.
     sweep = run_sweep(SweepConfig(checkpoint=str(kept[best_step]), evaluator=ev.path, out=str(tmp_path / "sweep"),
-                                  w=[0.0, 2.0], samples_per_w=20, steps=4, seed=0, chunk_size=20, num_workers=1,
-                                  cpus_per_worker=0.5, progress=False), log=lambda _: None)
+                                  w=[0.0, 2.0], samples_per_w=20, solver="dpm++2m", steps=4, seed=0, chunk_size=20,
+                                  num_workers=1, cpus_per_worker=0.5, progress=False), log=lambda _: None)
     swept = {r["w"]: r["fid"] for r in sweep.rows if r["kind"] == "generated"}
     rec = next(r for r in records if r["step"] == best_step)
     for row in rec["rows"]:
@@ -94,7 +95,8 @@ def test_evaluation_settings_are_checked():
            ("train.evaluator=''",): "train.evaluator='' is not valid",
            ("train.eval_w=[]",): "train.eval_w=[] is not valid",
            ("train.eval_cpus=0",): "train.eval_cpus=0.0 is not valid",
-           ("train.eval_steps=5000",): "train.eval_steps=5000 is not valid"}
+           ("train.eval_steps=5000",): "train.eval_steps=5000 is not valid",
+           ("train.eval_solver=euler",): "train.eval_solver='euler' is not valid; it must be one of ['ddim', 'dpm++2m']"}
     for extra, message in bad.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, ok + list(extra))

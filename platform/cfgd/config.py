@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
 from cfgd.data.sources import SOURCES
-from cfgd.diffusion.plan import (FIELDS, RENAMED, W_RANGE, Guidance, PlanError, Solver, field_default, field_info,
-                                 plan_row, strength_columns)
+from cfgd.diffusion.plan import (FIELDS, RENAMED, SOLVERS, W_RANGE, Guidance, PlanError, Solver, field_default,
+                                 field_info, plan_row, strength_columns)
 from cfgd.io.storage import StorageOptions
 from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
 
@@ -79,7 +79,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (and the last step)
     keep_checkpoints: int = 2  # checkpoints kept (Ray Train retention; the newest always)
     loss_weighting: str = "min_snr"  # uniform | min_snr (Hang et al. 2023; cfgd.diffusion.process.loss_weights)
-    min_snr_gamma: float = 5.0  # γ of min_snr: weights use min(SNR_t, γ)
+    min_snr_gamma: float = 5.0  # γ of min_snr: x0 weights min(SNR_t + δ, γ)
+    min_snr_offset: float = 0.0  # δ of min_snr: the weight kept at high noise (v or x0 only)
     keep_best_by: str = ""  # "" = keep the newest; "loss" / "fid" = the lowest (Ray always keeps the newest too)
     # Evaluation during training (cfgd.train.checkpoint_eval): a Ray task next to the workers scores
     # checkpoints with the dataset's evaluator (jobs/train_evaluator.py) as a sweep would.
@@ -87,7 +88,8 @@ class TrainConfig:
     evaluator: str = ""  # the evaluator artifact (path or s3://); required when eval_every > 0
     eval_w: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0])  # guidance strengths scored
     eval_samples: int = 200  # samples per w (classes in turn, the sweep's seeds)
-    eval_steps: int = 20  # DDIM steps of those samples
+    eval_solver: str = "ddim"  # ddim | dpm++2m: the solver of those samples
+    eval_steps: int = 20  # solver steps of those samples
     eval_cpus: float = 0.5  # CPUs of the evaluation task (it runs beside the workers)
     eval_timeout_s: float = 3600.0  # an evaluation still running after this is cancelled (the run goes on)
     compile: bool = False  # torch.compile the network (helps on GPU)
@@ -176,6 +178,11 @@ def validate(cfg: Config) -> Config:
         Rule("diffusion.zero_terminal_snr", t.zero_terminal_snr, not (t.zero_terminal_snr and t.timesteps < 2),
              "false with diffusion.timesteps < 2"),
         one_of("train.loss_weighting", tr.loss_weighting, LOSS_WEIGHTINGS),
+        Rule("train.min_snr_offset", tr.min_snr_offset, tr.min_snr_offset >= 0, ">= 0"),
+        Rule("train.min_snr_offset", tr.min_snr_offset,
+             not (tr.min_snr_offset > 0 and tr.loss_weighting == "min_snr" and t.parameterization == "eps"),
+             "0 with diffusion.parameterization='eps' (the ε weight min(SNR + δ, γ)/SNR diverges at high "
+             "noise); an offset needs parameterization v or x0"),
         one_of("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES),
         Rule("train.min_snr_gamma", tr.min_snr_gamma, tr.min_snr_gamma > 0, "> 0"),
         Rule("train.num_workers", tr.num_workers, tr.num_workers >= 1, ">= 1"),
@@ -198,6 +205,7 @@ def validate(cfg: Config) -> Config:
         Rule("train.eval_w", tr.eval_w, len(tr.eval_w) >= 1 and all(W_RANGE[0] <= w <= W_RANGE[1] for w in tr.eval_w),
              f"a non-empty list of guidance strengths in [{W_RANGE[0]:g}, {W_RANGE[1]:g}]"),
         Rule("train.eval_samples", tr.eval_samples, 2 <= tr.eval_samples <= 50_000, "in [2, 50000]"),
+        one_of("train.eval_solver", tr.eval_solver, SOLVERS),
         Rule("train.eval_steps", tr.eval_steps, 1 <= tr.eval_steps <= t.timesteps,
              f"in [1, diffusion.timesteps ({t.timesteps})]"),
         Rule("train.eval_cpus", tr.eval_cpus, tr.eval_cpus > 0, "> 0"),

@@ -15,7 +15,8 @@ SCHEDULES = ("linear", "cosine")  # cfgd.diffusion.process.make_schedule builds 
 # What the network predicts (cfgd.diffusion.process.as_eps_fn turns each into ε for the sampler):
 # eps = the noise ε; v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022); x0 = the clean image.
 PARAMETERIZATIONS = ("eps", "v", "x0")
-# Per-timestep loss weights: uniform, or min-SNR-γ (Hang et al. 2023; cfgd.diffusion.process.loss_weights).
+# Per-timestep loss weights (cfgd.diffusion.process.loss_weights): uniform, or min-SNR-γ (Hang et al.
+# 2023; with an offset δ, x0 weight min(SNR + δ, γ)).
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 # Bounds on a spec read from a checkpoint, checked before anything is allocated: a

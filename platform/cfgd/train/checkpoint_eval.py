@@ -54,11 +54,11 @@ def metric_key(name: str, w: float) -> str:
 
 
 def score_generator(gen, evaluator, real, ws: Sequence[float], n: int, steps: int, seed: int,
-                    k: int = 3) -> dict[float, dict[str, float]]:
+                    k: int = 3, solver: str = "ddim") -> dict[float, dict[str, float]]:
     """Metrics per w of ``n`` samples of ``gen`` (a cfgd.sampling.checkpoint_sampler.CheckpointSampler): what a sweep computes.
 
     Rows and seeds as a sweep draws them (class i mod C, seed + i, the same in every w),
-    plain CFG with DDIM at ``steps`` (the solver's default spacing), images scored as
+    plain CFG with ``solver`` (ddim or dpm++2m) at ``steps`` (its default spacing), images scored as
     uint8 like the real data; FID against ``real.reference``, precision/recall against
     ``n`` reference rows (cfgd.evaluate.metrics.compute_metrics).
     """
@@ -68,7 +68,7 @@ def score_generator(gen, evaluator, real, ws: Sequence[float], n: int, steps: in
     from cfgd.sweep.sweep_grid import sample_rows
 
     labels, seeds = sample_rows(n, gen.num_classes, seed)
-    plan = SamplingPlan(solver=Solver(name="ddim", steps=steps),
+    plan = SamplingPlan(solver=Solver(name=solver, steps=steps),
                         rows=tuple(Guidance(w=w) for w in ws for _ in range(n)))
     images = to_uint8(gen.sample(np.tile(labels, len(ws)), np.tile(seeds, len(ws)), plan, batch_size=BATCH))
     out = {}
@@ -112,6 +112,7 @@ class CheckpointEval:
     seed: int
     threads: int
     storage: StorageOptions | None = None
+    solver: str = "ddim"
 
     def __call__(self, checkpoint, **_: Any) -> dict[str, float]:
         """checkpoint: a ray.train.Checkpoint. Returns the metrics merged into its report."""
@@ -135,7 +136,8 @@ class CheckpointEval:
         evaluator, real, floor = _scorer(self.evaluator, self.data_root, self.storage, self.seed, self.samples)
         gen = CheckpointSampler.load(local_dir)
         step = gen.checkpoint.step
-        per_w = score_generator(gen, evaluator, real, self.w, self.samples, self.steps, self.seed)
+        per_w = score_generator(gen, evaluator, real, self.w, self.samples, self.steps, self.seed,
+                                solver=self.solver)
         seconds = time.perf_counter() - t0
         rows = [{"step": step, "w": w, **{c: m[c] for c in ("fid", "accuracy", "precision", "recall",
                                                              "inception_score")},
@@ -231,7 +233,7 @@ def from_config(cfg, run_uri: str) -> CheckpointEval:
     tc = cfg.train
     return CheckpointEval(evaluator=tc.evaluator, data_root=cfg.data.root, run_uri=run_uri, w=tuple(tc.eval_w),
                           samples=tc.eval_samples, steps=tc.eval_steps, seed=tc.seed,
-                          threads=max(1, math.floor(tc.eval_cpus)), storage=cfg.storage)
+                          threads=max(1, math.floor(tc.eval_cpus)), storage=cfg.storage, solver=tc.eval_solver)
 
 
 def check_evaluator(cfg, shape: tuple[int, int, int], num_classes: int) -> None:

@@ -34,7 +34,7 @@ def _validation_config(cfg: cfglib.Config, out: str, ray):
             f"train.eval_cpus={tc.eval_cpus:g} does not fit beside {tc.num_workers} worker(s) of "
             f"train.cpus_per_worker={tc.cpus_per_worker:g}: that is {need:g} CPUs and the cluster has {have:g}")
     log(f"evaluating checkpoints every {tc.eval_every} steps and the last: {tc.eval_samples} samples "
-         f"at w {list(tc.eval_w)}, {tc.eval_steps} DDIM steps, evaluator {tc.evaluator}")
+         f"at w {list(tc.eval_w)}, {tc.eval_steps} {tc.eval_solver} steps, evaluator {tc.evaluator}")
     return ValidationConfig(fn=checkpoint_eval.from_config(cfg, out),
                             task_config=ValidationTaskConfig(timeout_s=tc.eval_timeout_s),
                             ray_remote_kwargs={"num_cpus": tc.eval_cpus})

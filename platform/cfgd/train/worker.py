@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 group["lr"] = learning_rate(tc, step)
             with autocast:
                 loss = training_loss(net, schedule, x0, y, gen, cfg.diffusion.parameterization,
-                                     tc.loss_weighting, tc.min_snr_gamma)
+                                     tc.loss_weighting, tc.min_snr_gamma, tc.min_snr_offset)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
