@@ -19,10 +19,12 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         try:
             metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction,
-                            d.overwrite, storage=cfg.storage)
+                            d.overwrite, storage=cfg.storage, captions=d.captions,
+                            caption_holdout=d.caption_holdout)
         except (ValueError, FileNotFoundError) as err:
             fail(err)
         for split, m in metas.items():
-            print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes, "
-                  f"{len(m.files)} shard(s) under {d.root}/{split}")
+            extra = f", conditions {sorted(m.conditions)}" if m.conditions else ""
+            print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes"
+                  f"{extra}, {len(m.files)} shard(s) under {d.root}/{split}")
         print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
-from cfgd.data.sources import SOURCES
+from cfgd.data.sources import CAPTION_SOURCES, SOURCES
 from cfgd.diffusion.plan import (FIELDS, RENAMED, SOLVERS, W_RANGE, Guidance, PlanError, Solver, field_default,
                                  field_info, plan_row, strength_columns)
 from cfgd.io.storage import StorageOptions
@@ -38,6 +38,10 @@ class DataConfig:
     test_fraction: float = 0.1  # image folders without train/ and test/ subfolders
     shuffle_buffer: int = 2048  # rows mixed locally in each worker, on top of the shard order
     overwrite: bool = False  # prepare_data: rewrite shards that already exist and read back fine
+    # Captions (a `caption` column): "" = none; "attributes" = each image's class and attribute levels
+    # measured from its pixels (cfgd.data.captions), "Class:level" combinations in caption_holdout never written.
+    captions: str = ""
+    caption_holdout: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +168,9 @@ def validate(cfg: Config) -> Config:
     d, t, tr = cfg.data, cfg.diffusion, cfg.train
     check([
         one_of("data.source", d.source, SOURCES),
+        one_of("data.captions", d.captions, CAPTION_SOURCES),
+        Rule("data.caption_holdout", d.caption_holdout, not d.caption_holdout or bool(d.captions),
+             "[] while data.captions is '' (held-out combinations are of captions)"),
         one_of("diffusion.schedule", t.schedule, SCHEDULES),
         one_of("train.placement_strategy", tr.placement_strategy, PLACEMENTS),
         one_of("model.size", cfg.model.size, MODEL_SIZES),

@@ -2,10 +2,15 @@
 
 Layout: ``<root>/<split>/part-00000.parquet``, ``part-00001.parquet``, ...
 One row per image with columns ``image`` (binary, PNG bytes) and ``label``
-(int64). The Arrow schema metadata key ``b"cfgd"`` holds JSON::
+(int64), and optionally ``caption`` (string: a text condition). The Arrow schema
+metadata key ``b"cfgd"`` holds JSON::
 
     {"class_names": [...], "height": H, "width": W, "channels": C,
-     "format_version": 1}
+     "format_version": 1, "conditions": {"caption": {...}}}
+
+``conditions`` (absent in label-only data sets) names each condition column beyond the
+label with what describes it (for captions measured from pixels: the attribute
+thresholds and held-out combinations, cfgd.data.captions).
 
 Here: the writer (:func:`write_shards`, :func:`prepare` from a source), the
 footer-only metadata read and cross-check (:func:`read_split_meta` → :class:`DatasetMeta`)
@@ -71,15 +76,36 @@ def _check_write_inputs(images: Any, labels: Any, class_names: list[str]) -> Non
     check_labels(labels, len(class_names), "labels")
 
 
-def _shard_table(images: np.ndarray, labels: np.ndarray, metadata: bytes) -> pa.Table:
-    """Arrow table of PNG-encoded images (binary) and int64 labels with cfgd metadata."""
-    schema = pa.schema(
-        [("image", pa.binary()), ("label", pa.int64())], metadata={METADATA_KEY: metadata}
-    )
+MAX_CAPTION_CHARS = 1000  # a caption longer than this is refused at prepare time
+
+
+def check_captions(captions: Any, n: int, where: str) -> None:
+    """Each caption a non-empty str of at most MAX_CAPTION_CHARS; ValueError naming the row.
+
+    The empty caption is the null condition ∅ (dropout writes it), so data may not hold it.
+    """
+    if not isinstance(captions, (list, tuple)) or len(captions) != n:
+        raise ValueError(f"{where}: captions must be a list of {n} str (one per image); "
+                         f"got {type(captions).__name__} of {len(captions) if hasattr(captions, '__len__') else '?'}")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise ValueError(f"{where}: row {i}: caption {c!r} is {type(c).__name__}, not str")
+        if not c.strip():
+            raise ValueError(f"{where}: row {i}: caption is empty; the empty caption is the null condition ∅, "
+                             "give every image a caption")
+        if len(c) > MAX_CAPTION_CHARS:
+            raise ValueError(f"{where}: row {i}: caption has {len(c)} characters, at most {MAX_CAPTION_CHARS}")
+
+
+def _shard_table(images: np.ndarray, labels: np.ndarray, metadata: bytes,
+                 captions: list[str] | None = None) -> pa.Table:
+    """Arrow table of PNG-encoded images (binary), int64 labels and optional captions, with cfgd metadata."""
+    fields = [("image", pa.binary()), ("label", pa.int64())] + ([("caption", pa.string())] if captions else [])
+    schema = pa.schema(fields, metadata={METADATA_KEY: metadata})
     pngs = [encode_png(img) for img in images]
-    return pa.Table.from_arrays(
-        [pa.array(pngs, type=pa.binary()), pa.array(labels.astype(np.int64))], schema=schema
-    )
+    columns = [pa.array(pngs, type=pa.binary()), pa.array(labels.astype(np.int64))]
+    return pa.Table.from_arrays(columns + ([pa.array(captions, type=pa.string())] if captions else []),
+                                schema=schema)
 
 
 def write_shards(
@@ -90,6 +116,8 @@ def write_shards(
     class_names: list[str],
     rows_per_shard: int = 10000,
     filesystem: fsspec.AbstractFileSystem | None = None,
+    captions: list[str] | None = None,
+    conditions: dict | None = None,
 ) -> list[str]:
     """Write one split as PNG-in-Parquet shards ``<out_root>/<split>/part-NNNNN.parquet``.
 
@@ -103,11 +131,15 @@ def write_shards(
         class_names: class names, index == label.
         rows_per_shard: maximum rows per Parquet file.
         filesystem: fsspec filesystem (default: local).
+        captions: one non-empty str per image (the ``caption`` column), or None.
+        conditions: JSON-able description of the condition columns (metadata ``conditions``).
 
     Returns:
         Paths of the written files (in their final location), in order.
     """
     _check_write_inputs(images, labels, class_names)
+    if captions is not None:
+        check_captions(captions, len(images), f"split {split!r}")
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if not split or "/" in split or split.startswith("."):
@@ -118,6 +150,7 @@ def write_shards(
     metadata = json.dumps({
         "class_names": list(class_names), "height": int(height), "width": int(width),
         "channels": int(channels), "format_version": FORMAT_VERSION,
+        **({"conditions": conditions or {"caption": {}}} if captions is not None else {}),
     }).encode()
     labels = np.asarray(labels)
     names = []
@@ -126,7 +159,8 @@ def write_shards(
             stop = start + rows_per_shard
             name = f"part-{shard:05d}.parquet"
             with fs.open(posixpath.join(tmp_dir, name), "wb") as f:
-                pq.write_table(_shard_table(images[start:stop], labels[start:stop], metadata), f)
+                pq.write_table(_shard_table(images[start:stop], labels[start:stop], metadata,
+                                            None if captions is None else list(captions[start:stop])), f)
             names.append(name)
     return [posixpath.join(final_dir, n) for n in names]
 
@@ -148,6 +182,7 @@ class DatasetMeta:
     channels: int
     num_rows: int
     files: list[str] = field(default_factory=list)
+    conditions: dict = field(default_factory=dict)  # condition columns beyond the label: {"caption": {...}}
 
     @property
     def num_classes(self) -> int:
@@ -188,11 +223,24 @@ def _parse_cfgd_metadata(schema: pa.Schema, path: str) -> dict:
     if meta.get("channels") not in MODE_FOR_CHANNELS:
         raise ValueError(f"{path}: cfgd metadata channels must be 1 or 3, "
                          f"got {meta.get('channels')!r}")
+    conditions = meta.get("conditions", {})
+    if not isinstance(conditions, dict) or not set(conditions) <= set(CONDITION_COLUMNS):
+        raise ValueError(f"{path}: cfgd metadata conditions must map condition columns "
+                         f"{list(CONDITION_COLUMNS)} to their description, got {conditions!r}")
     return meta
 
 
-def _check_columns(schema: pa.Schema, path: str) -> None:
-    """Require ``image`` binary and ``label`` integer columns."""
+CONDITION_COLUMNS = {"caption": (pa.types.is_string, "string")}  # beyond the label
+
+
+def _check_columns(schema: pa.Schema, path: str, conditions: dict) -> None:
+    """Require ``image`` binary and ``label`` integer columns, and each declared condition column."""
+    for name in conditions:
+        ok, want = CONDITION_COLUMNS[name]
+        if name not in schema.names or not ok(schema.field(name).type):
+            raise ValueError(f"{path}: metadata declares condition {name!r} but the column is "
+                             f"{'missing' if name not in schema.names else schema.field(name).type}; "
+                             f"expected {want}")
     for name, ok, want in (
         ("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
         ("label", pa.types.is_integer, "integer"),
@@ -227,8 +275,8 @@ def read_split_meta(
             except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"{path}: not a readable Parquet file: {e}") from e
             schema, rows = pf.schema_arrow, pf.metadata.num_rows
-        _check_columns(schema, path)
         meta = _parse_cfgd_metadata(schema, path)
+        _check_columns(schema, path, meta.get("conditions", {}))
         if reference is None:
             reference, ref_path = meta, path
         elif meta != reference:
@@ -242,7 +290,7 @@ def read_split_meta(
     return DatasetMeta(
         class_names=list(reference["class_names"]), height=reference["height"],
         width=reference["width"], channels=reference["channels"],
-        num_rows=num_rows, files=files,
+        num_rows=num_rows, files=files, conditions=dict(reference.get("conditions", {})),
     )
 
 
@@ -277,10 +325,23 @@ def validate_labels(
 # ---------------------------------------------------------------- from a source
 
 
+def _same_captions(meta: DatasetMeta, captions: str, holdout) -> bool:
+    """Whether existing shards carry the captions asked for (none, or the same source and holdout)."""
+    have = meta.conditions.get("caption")
+    if not captions:
+        return have is None
+    return have is not None and have.get("source") == captions and have.get("holdout") == list(holdout)
+
+
 def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int = 10000,
             test_fraction: float = 0.1, overwrite: bool = False,
-            storage: StorageOptions | None = None) -> dict[str, DatasetMeta]:
+            storage: StorageOptions | None = None, captions: str = "",
+            caption_holdout: list[str] = ()) -> dict[str, DatasetMeta]:
     """Convert a source into train/test Parquet shards under ``root``; returns each split's meta.
+
+    ``captions="attributes"`` adds a caption per image written from its measured
+    attributes (:func:`cfgd.data.captions.attribute_captions`), never the
+    ``caption_holdout`` combinations.
 
     ``root`` is a local path or an ``s3://`` URI (reached with ``storage``, a
     StorageOptions). Splits that already exist and read back cleanly
@@ -290,16 +351,23 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
     fs = fsspec_fs(root, storage)
     if not overwrite:
         try:
-            return {s: read_split_meta(root, s, fs) for s in SPLITS}
+            metas = {s: read_split_meta(root, s, fs) for s in SPLITS}
+            if all(_same_captions(m, captions, caption_holdout) for m in metas.values()):
+                return metas
         except (ValueError, FileNotFoundError):
-            pass  # missing or damaged: (re)write below
+            pass  # missing or damaged (or captioned otherwise than asked): (re)write below
     if source == "folder":
         splits, names = load_image_folder(source_path or "", test_fraction=test_fraction)
     else:
         splits, names = load_source(source, source_path)
+    texts, conditions = ({}, None)
+    if captions:
+        from cfgd.data.captions import attribute_captions
+        texts, conditions = attribute_captions(splits, names, list(caption_holdout))
     metas = {}
     for split, (images, labels) in splits.items():
-        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs)
+        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs,
+                     captions=texts.get(split), conditions=conditions)
         metas[split] = read_split_meta(root, split, fs)
         validate_labels(root, split, metas[split], fs)
     return metas

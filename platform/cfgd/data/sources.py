@@ -25,6 +25,7 @@ from cfgd.data.images import MODE_FOR_CHANNELS
 
 SPLITS = ("train", "test")
 SOURCES = ("fashion_mnist", "mnist", "idx", "folder", "npz")
+CAPTION_SOURCES = ("", "attributes")  # "": no captions; cfgd.data.captions writes "attributes"
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
