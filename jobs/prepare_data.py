@@ -11,7 +11,7 @@ x_test, y_test). Existing shards are kept unless data.overwrite=true.
 import time
 
 from cfgd.cli import fail, job
-from cfgd.data.shards import prepare
+from cfgd.data.shards import prepare, read_captions
 
 if __name__ == "__main__":
     with job(__doc__, "prepare_data", sections=("data", "storage")) as cfg:
@@ -27,4 +27,9 @@ if __name__ == "__main__":
             extra = f", conditions {sorted(m.conditions)}" if m.conditions else ""
             print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes"
                   f"{extra}, {len(m.files)} shard(s) under {d.root}/{split}")
+        if "caption" in metas["train"].conditions:  # the tokenizer text-conditioned models will carry
+            from cfgd.model.tokenizer import write_for_dataset
+
+            tok, uri = write_for_dataset(d.root, read_captions(d.root, "train", cfg.storage), cfg.storage)
+            print(f"tokenizer: {tok.vocab_size} tokens, at most {tok.max_tokens} per caption: {uri}")
         print(f"done in {time.perf_counter() - t0:.1f} s")

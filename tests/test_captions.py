@@ -178,3 +178,45 @@ def test_prepare_job_reports_the_caption_condition(tmp_path):
                           f"data.root={tmp_path / 'out2'}", "data.captions=attributes",
                           "data.caption_holdout=[7:purple]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "'7:purple' is not 'class:level'" in (bad.stdout + bad.stderr)
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+
+def test_tokenizer_round_trips_through_json_and_states_its_rules():
+    from cfgd.model.tokenizer import CaptionTokenizer, build
+
+    tok = build(["a light dress", "dress, pale, large", "a dark patterned bag"], max_tokens=6)
+    again = CaptionTokenizer.from_json(tok.to_json())
+    texts = ["A Light DRESS", "", "a purple dress", "bag, dark"]
+    a, b = tok.encode(texts), again.encode(texts)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert a.lengths.tolist() == [3, 0, 3, 3] and a.unknown.tolist() == [0, 0, 1, 0]
+    assert (a.ids[1] == 0).all()  # "" is ∅: all padding
+    np.testing.assert_array_equal(a.ids[0], tok.encode(["a light dress"]).ids[0])  # NFKC + lower case
+    with pytest.raises(ValueError, match=r"prompt\[0\] has 7 tokens \(words and punctuation\), at most 6"):
+        tok.encode(["a light dress , pale , large"])
+    with pytest.raises(ValueError, match=r"negative_prompt\[1\] must be a string, got int"):
+        tok.encode(["a", 3], field="negative_prompt")
+    with pytest.raises(ValueError, match="not a cfgd caption tokenizer"):
+        CaptionTokenizer.from_json('{"vocab": {}}')
+
+
+def test_prepare_job_writes_the_tokenizer_of_the_training_captions(tmp_path):
+    from cfgd.data.shards import read_captions
+    from cfgd.model.tokenizer import CaptionTokenizer
+
+    images, labels = digits_uint8()
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=images[:200, ..., 0], y_train=labels[:200], x_test=images[200:230, ..., 0],
+             y_test=labels[200:230])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "jobs/prepare_data.py", "data.source=npz", f"data.source_path={npz}",
+                           f"data.root={out}", "data.captions=attributes"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tok = CaptionTokenizer.from_json((out / "tokenizer.json").read_text())
+    assert f"tokenizer: {tok.vocab_size} tokens, at most 32 per caption: {out}/tokenizer.json" in proc.stdout
+    enc = tok.encode(read_captions(str(out), "train"))
+    assert enc.unknown.sum() == 0 and (enc.lengths > 0).all()  # every training word is in the vocabulary
+    assert tok.encode(read_captions(str(out), "test")).unknown.sum() == 0  # same templates and classes

@@ -322,6 +322,19 @@ def validate_labels(
 
 
 
+def read_captions(root: str, split: str, storage: StorageOptions | None = None) -> list[str]:
+    """Every caption of ``<root>/<split>`` in shard order (only the ``caption`` column is read)."""
+    fs = fsspec_fs(root, storage)
+    meta = read_split_meta(root, split, fs)
+    if "caption" not in meta.conditions:
+        raise ValueError(f"{root}/{split} has no captions (prepare it with data.captions=attributes)")
+    out: list[str] = []
+    for path in meta.files:
+        with fs.open(path, "rb") as f:
+            out.extend(pq.read_table(f, columns=["caption"]).column("caption").to_pylist())
+    return out
+
+
 # ---------------------------------------------------------------- from a source
 
 
