@@ -25,6 +25,14 @@ MAX_IMAGE_SIZE = 1024
 MAX_CHANNELS = 4
 MAX_CLASSES = 100_000
 MAX_TIMESTEPS = 100_000
+MAX_VOCAB = 1_000_000
+MAX_TOKENS = 1024  # caption tokens, or rows of an L×D embedding
+MAX_EMBEDDING_DIM = 65_536
+
+# What y is (cfgd.model.conditioning): a class id; a caption, tokenized with the checkpoint's
+# tokenizer and encoded by a transformer trained with the denoiser; or a precomputed vector
+# (one of D, or L×D tokens) from an encoder outside the platform.
+CONDITIONS = ("label", "text", "embedding")
 
 
 @dataclass(frozen=True)
@@ -36,16 +44,19 @@ class UNetSize:
     groups: int = 8  # group-norm groups
     heads: int = 1
     dropout: float = 0.0
+    text_width: int = 64  # width of the text encoder and of the cross-attention's keys
+    text_layers: int = 2  # transformer layers of the text encoder
 
 
 # Named sizes. tiny: unit tests; small: the 2-core CPU demo; base/large: GPU clusters.
 MODEL_SIZES: dict[str, UNetSize] = {
-    "tiny": UNetSize(channels=16, mults=(1, 2), res_blocks=1, attn_levels=(-1,), groups=4),
+    "tiny": UNetSize(channels=16, mults=(1, 2), res_blocks=1, attn_levels=(-1,), groups=4, text_width=32,
+                     text_layers=1),
     "small": UNetSize(channels=32, mults=(1, 2, 2), res_blocks=1, attn_levels=(-1,)),
     "base": UNetSize(channels=64, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
-                     heads=4, dropout=0.1),
+                     heads=4, dropout=0.1, text_width=256, text_layers=4),
     "large": UNetSize(channels=128, mults=(1, 2, 2, 2), res_blocks=2, attn_levels=(-2, -1), groups=32,
-                      heads=4, dropout=0.1),
+                      heads=4, dropout=0.1, text_width=512, text_layers=6),
 }
 
 
@@ -60,12 +71,23 @@ def null_label(num_classes: int) -> int:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild the network; saved in every checkpoint."""
+    """Everything needed to rebuild the network; saved in every checkpoint.
+
+    ``condition`` says what y is (:data:`CONDITIONS`). A text model also needs its
+    vocabulary size and token count (the tokenizer itself travels in the checkpoint's
+    meta.json); an embedding model the shape (tokens, dim) of its vectors, tokens = 1 for
+    one vector per image. Checkpoints written before conditions existed are label models.
+    """
 
     size: str
     image_size: int
     in_channels: int
     num_classes: int
+    condition: str = "label"
+    vocab_size: int = 0
+    max_tokens: int = 0
+    embedding_tokens: int = 0
+    embedding_dim: int = 0
 
     @property
     def null_label(self) -> int:
@@ -83,14 +105,25 @@ class ModelSpec:
         if not isinstance(data, dict):
             raise ValueError(f"model spec must be a mapping, got {type(data).__name__}")
         names = [f.name for f in fields(cls)]
-        if sorted(data) != sorted(names):
-            raise ValueError(f"model spec has keys {sorted(data)}; expected {sorted(names)}")
-        bounds = {"image_size": (4, MAX_IMAGE_SIZE), "in_channels": (1, MAX_CHANNELS),
-                  "num_classes": (1, MAX_CLASSES)}
+        required = names[:4]  # the rest have defaults: older checkpoints lack them
+        if not set(required) <= set(data) <= set(names):
+            raise ValueError(f"model spec has keys {sorted(data)}; expected {required} and optionally "
+                             f"{names[4:]}")
+        data = {f.name: data.get(f.name, f.default) for f in fields(cls)}
         if data["size"] not in MODEL_SIZES:
             raise ValueError(f"model size {data['size']!r} is not valid; it must be one of {list(MODEL_SIZES)}")
+        if data["condition"] not in CONDITIONS:
+            raise ValueError(f"model condition {data['condition']!r} is not valid; it must be one of "
+                             f"{list(CONDITIONS)}")
+        text, emb = data["condition"] == "text", data["condition"] == "embedding"
+        bounds = {"image_size": (4, MAX_IMAGE_SIZE), "in_channels": (1, MAX_CHANNELS),
+                  "num_classes": (1, MAX_CLASSES), "vocab_size": (3 if text else 0, MAX_VOCAB if text else 0),
+                  "max_tokens": (1 if text else 0, MAX_TOKENS if text else 0),
+                  "embedding_tokens": (1 if emb else 0, MAX_TOKENS if emb else 0),
+                  "embedding_dim": (1 if emb else 0, MAX_EMBEDDING_DIM if emb else 0)}
         for key, (lo, hi) in bounds.items():
             v = data[key]
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ValueError(f"model spec {key}={v!r} is not valid; it must be an int in [{lo}, {hi}]")
+                raise ValueError(f"model spec {key}={v!r} is not valid for condition {data['condition']!r}; "
+                                 f"it must be an int in [{lo}, {hi}]")
         return cls(**data)

@@ -23,6 +23,8 @@ from typing import Mapping
 
 import torch
 
+from cfgd.diffusion import conditions as cond_ops
+from cfgd.diffusion.conditions import Cond
 from cfgd.diffusion.plan import RULES, WEIGHT_SCHEDULES, Guidance, SamplingPlan
 from cfgd.diffusion.process import EpsFn, Schedule, bcast, x0_fn
 
@@ -138,15 +140,19 @@ class GuidedDenoiser:
     ``guides`` maps a row's ``guide`` name to the guiding network's eps_fn.
     """
 
-    def __init__(self, eps_fn: EpsFn, schedule: Schedule, labels: torch.Tensor, plan: SamplingPlan,
-                 null: int | None, guides: Mapping[str, EpsFn] | None = None):
-        self.eps_fn, self.schedule, self.labels = eps_fn, schedule, labels
+    def __init__(self, eps_fn: EpsFn, schedule: Schedule, cond: Cond, plan: SamplingPlan,
+                 uncond: Cond | int | None, guides: Mapping[str, EpsFn] | None = None):
+        """``cond``: each row's condition y; ``uncond``: what ε_u is evaluated with per row, the
+        null condition ∅ or, for a row with a negative prompt, that prompt (same kind as ``cond``);
+        an int is the null label of a batch of labels."""
+        if isinstance(uncond, int):
+            uncond = torch.full_like(cond, uncond)
+        self.eps_fn, self.schedule, self.cond, self.uncond = eps_fn, schedule, cond, uncond
         self.rows = Rows(plan.rows, schedule.T)
         missing = [g for g in self.rows.guides if g not in (guides or {})]
         if missing:
             raise ValueError(f"no guiding network given for guide {missing}")
         self.guide_fns = [guides[g] for g in self.rows.guides] if self.rows.guides else []
-        self.null = null
         self.momentum: torch.Tensor | None = None  # APG, (B, C, H, W)
         self._masks: dict[int, tuple] = {}
         self.rows_evaluated = 0  # network rows run so far (cost accounting, tests)
@@ -166,7 +172,7 @@ class GuidedDenoiser:
         networks as eps_fns (or as x̂0 functions, at ᾱ_t = 0)."""
         w_t, guided, cond, uncond, per_guide = self._plan(t, x.device)
         B, n_c, n_u = x.shape[0], len(cond), len(uncond)
-        labels = self.labels
+        y, take = self.cond, cond_ops.take
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         self.rows_evaluated += n_c + n_u + sum(len(i) for i in per_guide)
         eps_g = None
@@ -174,21 +180,20 @@ class GuidedDenoiser:
             eps_g = torch.zeros_like(x)
             for fn, rows in zip(guide_fns, per_guide):
                 if len(rows):
-                    eps_g.index_copy_(0, rows, fn(x[rows], tt[rows], labels[rows]))
+                    eps_g.index_copy_(0, rows, fn(x[rows], tt[rows], take(y, rows)))
         if n_u == 0:
             if n_c == B:
-                return main(x, tt, labels), None, eps_g, w_t, guided
-            eps_c = torch.zeros_like(x).index_copy_(0, cond, main(x[cond], tt[cond], labels[cond]))
+                return main(x, tt, y), None, eps_g, w_t, guided
+            eps_c = torch.zeros_like(x).index_copy_(0, cond, main(x[cond], tt[cond], take(y, cond)))
             return eps_c, None, eps_g, w_t, guided
-        if self.null is None:
-            raise ValueError("guidance needs the null label (cfgd.spec.null_label(num_classes))")
-        null = torch.full((n_u,), self.null, dtype=labels.dtype, device=labels.device)
+        if self.uncond is None:
+            raise ValueError("guidance needs ε_u's condition: the null label, ∅, or a negative prompt per row")
         if n_c == B and n_u == B:
             # The common case: both halves for every row in one forward of 2B rows.
-            out = main(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+            out = main(torch.cat([x, x]), torch.cat([tt, tt]), cond_ops.cat([y, self.uncond]))
             return out[:B], out[B:], eps_g, w_t, guided
         out = main(torch.cat([x[cond], x[uncond]]), torch.cat([tt[cond], tt[uncond]]),
-                   torch.cat([labels[cond], null]))
+                   cond_ops.cat([take(y, cond), take(self.uncond, uncond)]))
         # A missing half always has weight 0 (w = 0 ignores ε_u, w = −1 ignores ε_c),
         # so zeros stand in for it.
         eps_c = out[:B] if n_c == B else torch.zeros_like(x).index_copy_(0, cond, out[:n_c])

@@ -1,6 +1,6 @@
 """Guided sampling over any ``eps_fn``: the solvers and the one entry point :func:`sample`.
 
-The sampler never sees a network: it calls ``eps_fn(x_t, t, labels) -> ε`` through
+The sampler never sees a network: it calls ``eps_fn(x_t, t, y) -> ε`` through
 :class:`cfgd.diffusion.guidance.GuidedDenoiser`, the one place guidance happens. A solver is a
 function ``(denoise, schedule, ts, x, generators, solver) -> x_0`` in :data:`SOLVER_FNS`;
 a new one (UniPC, DPM-Solver++(3M), an SDE variant) is one more entry.
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cfgd.diffusion import conditions as cond_ops
+from cfgd.diffusion.conditions import Cond
 from cfgd.diffusion.guidance import Denoised, GuidedDenoiser
 from cfgd.diffusion.plan import SPACINGS, SamplingPlan, Solver
 from cfgd.diffusion.process import EpsFn, Schedule
@@ -171,24 +173,31 @@ SOLVER_FNS: dict[str, Callable] = {"ddim": ddim, "dpm++2m": dpm_solver_pp_2m}
 
 
 @torch.inference_mode()
-def sample(eps_fn: EpsFn, schedule: Schedule, labels: torch.Tensor, seeds: Sequence[int], shape: Sequence[int],
+def sample(eps_fn: EpsFn, schedule: Schedule, cond: Cond, seeds: Sequence[int], shape: Sequence[int],
            plan: SamplingPlan, null_label: int | None = None, guides: Mapping[str, EpsFn] | None = None,
-           device: str | torch.device = "cpu", progress: bool = False) -> torch.Tensor:
+           device: str | torch.device = "cpu", progress: bool = False, uncond: Cond | None = None) -> torch.Tensor:
     """Sample x_0 from x_T ~ N(0, I) as ``plan`` says.
 
-    labels: (B,) int64 class labels; seeds: B ints, one per sample; shape: (C, H, W);
-    plan: B rows (cfgd.diffusion.plan). ``null_label`` is needed when a row uses ε_u; ``guides``
-    maps each autoguidance row's ``guide`` to its network's eps_fn.
+    cond: each row's condition y, (B,) int64 class labels or a mapping of (B, …) tensors
+    (cfgd.diffusion.conditions); seeds: B ints, one per sample; shape: (C, H, W); plan: B
+    rows (cfgd.diffusion.plan). A row that uses ε_u evaluates it with ``uncond`` (∅ or a
+    negative prompt per row; for labels, ``null_label`` gives it). ``guides`` maps each
+    autoguidance row's ``guide`` to its network's eps_fn.
     Returns x_0: (B, C, H, W) float32 on ``device``.
     """
-    B = labels.shape[0]
+    B = cond_ops.rows(cond)
     if len(seeds) != B or len(plan) != B:
-        raise ValueError(f"need one seed and one plan row per sample: {B} labels, {len(seeds)} seeds, "
+        raise ValueError(f"need one seed and one plan row per sample: {B} conditions, {len(seeds)} seeds, "
                          f"{len(plan)} plan rows")
     plan.check(schedule.T)
     device = torch.device(device)
-    labels = labels.to(device)
-    denoise = GuidedDenoiser(eps_fn, schedule, labels, plan, null_label, guides)
+    if uncond is None and null_label is not None and isinstance(cond, torch.Tensor):
+        uncond = torch.full_like(cond, null_label)
+    if uncond is not None and cond_ops.rows(uncond) != B:
+        raise ValueError(f"need one unconditional condition per row: {B} rows, {cond_ops.rows(uncond)} given")
+    cond = cond_ops.to(cond, device)
+    uncond = None if uncond is None else cond_ops.to(uncond, device)
+    denoise = GuidedDenoiser(eps_fn, schedule, cond, plan, uncond, guides)
     ts = ddim_timesteps(schedule.T, plan.solver.steps, plan.solver.spacing, schedule.alphas_cumprod)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = seeded_noise(generators, shape).to(device)

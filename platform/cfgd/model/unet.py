@@ -1,9 +1,12 @@
 """The UNet denoiser ε_θ(x_t, t, y), built from a cfgd.spec.ModelSpec.
 
-Residual blocks with group norm, a sinusoidal timestep embedding, a class table of
-``num_classes + 1`` rows (the last is the learned null condition ∅) added to the
-timestep embedding, and self-attention at the lowest resolution. The network knows
-nothing of diffusion: it maps (x_t, t, y) to a tensor shaped like x_t.
+Residual blocks with group norm, a sinusoidal timestep embedding and self-attention at
+the low resolutions. The condition y enters as a vector added to the timestep
+embedding: for labels a class table of ``num_classes + 1`` rows (the last is the
+learned null condition ∅); for text and embeddings the pooled output of their encoder
+(cfgd.model.conditioning), whose tokens the UNet also reads with cross-attention
+wherever it has self-attention. The network knows nothing of diffusion: it maps
+(x_t, t, y) to a tensor shaped like x_t.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfgd.model.conditioning import CrossAttention, build_condition, is_encoded
 from cfgd.spec import MODEL_SIZES, ModelSpec
 
 
@@ -77,9 +81,12 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t, y): (B, C, H, W), (B,), (B,) int64 in [0, num_classes] → (B, C, H, W).
+    """ε_θ(x_t, t, y): (B, C, H, W), (B,), y → (B, C, H, W).
 
-    ``y == num_classes`` is the null condition (ModelSpec.null_label).
+    y: for a label model (B,) int64 in [0, num_classes], ``num_classes`` being the null
+    condition (ModelSpec.null_label); for text and embedding models the raw condition of
+    cfgd.model.conditioning, or what :meth:`encode` made of it (a sampler encodes each
+    prompt once, not at every step).
     """
 
     def __init__(self, spec: ModelSpec):
@@ -92,8 +99,12 @@ class UNet(nn.Module):
         ch, emb_dim, g = size.channels, 4 * size.channels, size.groups
         attn = {lvl % levels for lvl in size.attn_levels}
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        # One extra row: the learned null embedding ∅ used by condition dropout and guidance.
-        self.class_emb = nn.Embedding(spec.null_label + 1, emb_dim)
+        self.cond = build_condition(spec, size, emb_dim)
+        if self.cond is None:
+            # One extra row: the learned null embedding ∅ used by condition dropout and guidance.
+            self.class_emb = nn.Embedding(spec.null_label + 1, emb_dim)
+        cross = (lambda c: [CrossAttention(c, size.text_width, g, size.heads)]) if self.cond is not None \
+            else (lambda c: [])
         self.inp = nn.Conv2d(spec.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -103,7 +114,7 @@ class UNet(nn.Module):
                 block = nn.ModuleList([ResBlock(cur, ch * m, emb_dim, g, size.dropout)])
                 cur = ch * m
                 if lvl in attn:
-                    block.append(Attention(cur, g, size.heads))
+                    block.extend([Attention(cur, g, size.heads), *cross(cur)])
                 self.down.append(block)
                 skips.append(cur)
             if lvl < levels - 1:
@@ -111,7 +122,7 @@ class UNet(nn.Module):
                 skips.append(cur)
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, g, size.dropout), Attention(cur, g, size.heads),
-                                  ResBlock(cur, cur, emb_dim, g, size.dropout)])
+                                  *cross(cur), ResBlock(cur, cur, emb_dim, g, size.dropout)])
 
         self.up = nn.ModuleList()
         for lvl, m in reversed(list(enumerate(size.mults))):
@@ -119,7 +130,7 @@ class UNet(nn.Module):
                 block = nn.ModuleList([ResBlock(cur + skips.pop(), ch * m, emb_dim, g, size.dropout)])
                 cur = ch * m
                 if lvl in attn:
-                    block.append(Attention(cur, g, size.heads))
+                    block.extend([Attention(cur, g, size.heads), *cross(cur)])
                 if lvl > 0 and i == size.res_blocks:
                     block.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     block.append(nn.Conv2d(cur, cur, 3, padding=1))
@@ -129,13 +140,25 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     @staticmethod
-    def _run(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(block, h: torch.Tensor, emb: torch.Tensor, c: dict) -> torch.Tensor:
         for layer in block:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttention):
+                h = layer(h, c)
+            else:
+                h = layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.inp.out_channels)) + self.class_emb(y)
+    def encode(self, y) -> dict:
+        """The raw condition y → {"pooled" (B, E), and for text/embeddings "context", "mask"}."""
+        if self.cond is None:
+            return {"pooled": self.class_emb(y)}
+        return self.cond(y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
+        c = y if is_encoded(y) else self.encode(y)
+        emb = self.time_mlp(timestep_embedding(t, self.inp.out_channels)) + c["pooled"].to(x.dtype)
         H, W = x.shape[-2:]
         pad_h, pad_w = -H % self.multiple, -W % self.multiple
         if pad_h or pad_w:
@@ -143,12 +166,11 @@ class UNet(nn.Module):
         h = self.inp(x)
         hs = [h]
         for block in self.down:
-            h = self._run(block, h, emb)
+            h = self._run(block, h, emb, c)
             hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        h = self._run(self.mid, h, emb, c)
         for block in self.up:
-            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb)
+            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, c)
         return self.out(h)[..., :H, :W]
 
 
