@@ -28,7 +28,7 @@ if __name__ == "__main__":
             print(f"{split}: {m.num_rows} rows of {m.height}x{m.width}x{m.channels}, {m.num_classes} classes"
                   f"{extra}, {len(m.files)} shard(s) under {d.root}/{split}")
         if "caption" in metas["train"].conditions:  # the tokenizer text-conditioned models will carry
-            from cfgd.model.tokenizer import write_for_dataset
+            from cfgd.data.tokenizer import write_for_dataset
 
             tok, uri = write_for_dataset(d.root, read_captions(d.root, "train", cfg.storage), cfg.storage)
             print(f"tokenizer: {tok.vocab_size} tokens, at most {tok.max_tokens} per caption: {uri}")

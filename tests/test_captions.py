@@ -184,7 +184,7 @@ def test_prepare_job_reports_the_caption_condition(tmp_path):
 
 
 def test_tokenizer_round_trips_through_json_and_states_its_rules():
-    from cfgd.model.tokenizer import CaptionTokenizer, build
+    from cfgd.data.tokenizer import CaptionTokenizer, build
 
     tok = build(["a light dress", "dress, pale, large", "a dark patterned bag"], max_tokens=6)
     again = CaptionTokenizer.from_json(tok.to_json())
@@ -204,7 +204,7 @@ def test_tokenizer_round_trips_through_json_and_states_its_rules():
 
 def test_prepare_job_writes_the_tokenizer_of_the_training_captions(tmp_path):
     from cfgd.data.shards import read_captions
-    from cfgd.model.tokenizer import CaptionTokenizer
+    from cfgd.data.tokenizer import CaptionTokenizer
 
     images, labels = digits_uint8()
     npz = tmp_path / "d.npz"

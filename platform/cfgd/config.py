@@ -23,7 +23,7 @@ from cfgd.data.sources import CAPTION_SOURCES, SOURCES
 from cfgd.diffusion.plan import (FIELDS, RENAMED, SOLVERS, W_RANGE, Guidance, PlanError, Solver, field_default,
                                  field_info, plan_row, strength_columns)
 from cfgd.io.storage import StorageOptions
-from cfgd.spec import LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
+from cfgd.spec import CONDITIONS, LOSS_WEIGHTINGS, MAX_TIMESTEPS, MODEL_SIZES, PARAMETERIZATIONS, SCHEDULES
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LR_SCHEDULES = ("constant", "cosine")
@@ -47,13 +47,16 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     size: str = "small"  # UNet size: tiny (tests), small (CPU demo), base, large (GPU)
+    # What y is: label (the class), text (the caption column, tokenized with the data set's
+    # tokenizer.json; a text encoder is trained with the UNet) or embedding (the embedding column).
+    condition: str = "label"
 
 
 @dataclass
 class DiffusionConfig:
     schedule: str = "cosine"  # noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)
     timesteps: int = 1000  # T, the number of diffusion timesteps
-    p_uncond: float = 0.1  # probability that a training label is replaced by the null label
+    p_uncond: float = 0.1  # probability that a training condition is replaced by the null condition ∅
     parameterization: str = "v"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
     zero_terminal_snr: bool = False  # rescale the schedule to ᾱ_T = 0 (Lin et al. 2023); needs v or x0
 
@@ -130,7 +133,9 @@ class SampleJob:
     """``jobs/sample.py``'s own keys; the plan's keys are added below (``SampleConfig``)."""
 
     checkpoint: str = ""  # a checkpoint dir, or a run dir (its newest valid checkpoint); path or s3://
-    classes: list[int] = field(default_factory=list)  # [] = every class
+    classes: list[int] = field(default_factory=list)  # [] = every class (a label model)
+    prompts: list[str] = field(default_factory=list)  # a text model: one grid row per prompt
+    negative_prompt: str = ""  # a text model: what ε_u is evaluated with in place of ∅ ("" = ∅)
     # The grid's guidance strengths, one column group each (paper form); neither this nor
     # guidance_scale: [0, 1, 3] (DEFAULT_GRID_W).
     w: Optional[list[float]] = None
@@ -138,7 +143,7 @@ class SampleJob:
     per_cell: int = 4  # samples per (class, w) cell
     use_ema: bool = True  # sample with the EMA weights (false: the raw weights)
     batch_size: int = 256  # rows per sampling batch (results do not depend on it)
-    seed: int = 0  # sample j of class c has seed seed + c·per_cell + j in every w column
+    seed: int = 0  # sample j of class (or prompt) r has seed seed + r·per_cell + j in every w column
     out: str = ""  # "" = <checkpoint's run dir>/samples
 
 
@@ -174,6 +179,10 @@ def validate(cfg: Config) -> Config:
         one_of("diffusion.schedule", t.schedule, SCHEDULES),
         one_of("train.placement_strategy", tr.placement_strategy, PLACEMENTS),
         one_of("model.size", cfg.model.size, MODEL_SIZES),
+        one_of("model.condition", cfg.model.condition, CONDITIONS),
+        Rule("train.eval_every", tr.eval_every, tr.eval_every == 0 or cfg.model.condition == "label",
+             "0 with model.condition != 'label' (evaluation during training samples by class; score a text "
+             "or embedding model with bench/conditions.py)"),
         Rule("diffusion.p_uncond", t.p_uncond, 0.0 <= t.p_uncond <= 1.0, "in [0, 1]"),
         Rule("diffusion.timesteps", t.timesteps, 1 <= t.timesteps <= MAX_TIMESTEPS, f"in [1, {MAX_TIMESTEPS}]"),
         one_of("diffusion.parameterization", t.parameterization, PARAMETERIZATIONS),

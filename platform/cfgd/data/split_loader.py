@@ -13,6 +13,7 @@ this module for :func:`decode_batch` and need numpy only.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,16 +27,26 @@ if TYPE_CHECKING:
     import torch
 
 
-def decode_batch(batch: dict, height: int, width: int, channels: int) -> dict:
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str):
+    from cfgd.data.tokenizer import CaptionTokenizer
+
+    return CaptionTokenizer.from_json(tokenizer_json)
+
+
+def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer: str | None = None) -> dict:
     """Decode a Ray Data numpy batch of PNG rows into model-ready arrays.
 
     Args:
         batch: {"image": object array (B,) of PNG bytes, "label": int (B,),
-            optionally "path": str (B,) from read_parquet(include_paths=True)}.
+            optionally "caption": str (B,) and "path": str (B,) from
+            read_parquet(include_paths=True)}.
         height, width, channels: expected decoded image shape (H, W, C).
+        tokenizer: a caption tokenizer's JSON (cfgd.data.tokenizer): captions become token ids.
 
     Returns:
-        {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}.
+        {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}, and with a
+        tokenizer "tokens": int64 (B, L).
     """
     images = batch["image"]
     paths = batch.get("path")
@@ -52,7 +63,12 @@ def decode_batch(batch: dict, height: int, width: int, channels: int) -> dict:
             raise ValueError(f"{where}: batch row {i}: image decodes to shape {arr.shape}, "
                              f"expected (H, W, C) = {expected}")
         out[i] = arr
-    return {"image": uint8_to_unit(out), "label": np.asarray(batch["label"], dtype=np.int64)}
+    decoded = {"image": uint8_to_unit(out), "label": np.asarray(batch["label"], dtype=np.int64)}
+    if tokenizer is not None:
+        if "caption" not in batch:
+            raise ValueError(f"{paths[0] if paths is not None else '<unknown file>'}: no caption column to tokenize")
+        decoded["tokens"] = _tokenizer(tokenizer).encode([str(c) for c in batch["caption"]], field="caption").ids
+    return decoded
 
 
 def load_split(root: str, split: str, storage_options: StorageOptions | None = None,

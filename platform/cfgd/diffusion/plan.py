@@ -20,6 +20,7 @@ No torch here: the plan is plain data (formulas: docs/guidance-methods.md).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -131,6 +132,42 @@ class Guidance(BaseModel):
             raise _bad("guide", "guide (the guiding checkpoint) is required with rule 'autoguidance' and only there")
         if self.rule == "cfg++" and (self.weight_schedule != "constant" or self.rescale > 0):
             raise _bad("rule", "cfg++ takes lam, not a weight schedule or rescale")
+        return self
+
+
+MAX_PROMPT_CHARS = 1000  # as a training caption (cfgd.data.shards.MAX_CAPTION_CHARS); tokens are capped too
+MAX_EMBEDDING_VALUES = 1 << 20  # an embedding's L·D; a checkpoint's own shape is checked when the row meets it
+
+
+class Condition(BaseModel):
+    """One row's condition y: a class label, a prompt (and a negative prompt), or an embedding.
+
+    Which one a row needs is the checkpoint's (cfgd.sampling.row_conditions checks it). A
+    negative prompt takes ∅'s place in ε_u (docs/guidance.md); "" is ∅ itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    label: Optional[int] = Field(None, ge=0, le=2**31, description="class index (a label model)")
+    prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS,
+                                  description=f"text condition, at most {MAX_PROMPT_CHARS} characters and the "
+                                              "checkpoint's token limit; \"\" is the null condition (a text model)")
+    negative_prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS,
+                                           description="text that ε_u is evaluated with in place of ∅ (a text "
+                                                       "model); null or \"\": ∅")
+    embedding: Annotated[Optional[tuple[float, ...]], BeforeValidator(_as_tuple)] = Field(
+        None, max_length=MAX_EMBEDDING_VALUES, description="a precomputed condition vector, flat (L·D float32 "
+                                                           "values of the checkpoint's shape; an embedding model)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Condition":
+        given = [k for k in ("label", "prompt", "embedding") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise _bad(given[1], f"give one condition per row, not {' and '.join(given)}")
+        if self.negative_prompt is not None and self.label is not None:
+            raise _bad("negative_prompt", "a negative prompt needs a text model and a prompt, not a label")
+        if self.embedding is not None and not all(math.isfinite(v) for v in self.embedding):
+            raise _bad("embedding", "every value must be finite (no NaN or infinity)")
         return self
 
 

@@ -6,7 +6,8 @@ A checkpoint is a directory::
     ema.safetensors     EMA weights          (what sampling uses by default)
     optimizer.pt        optimizer state      (read with torch.load(weights_only=True))
     meta.json           kind, format version, step, epoch, model spec, label names,
-                        resolved config, and the size + sha256 of every file above
+                        resolved config, the caption tokenizer of a text model, and the
+                        size + sha256 of every file above
 
 A directory without meta.json, or whose files do not match it, is refused. Callers
 read what a checkpoint says through :class:`Checkpoint` (spec, timesteps, schedule(),
@@ -51,6 +52,7 @@ class Checkpoint:
         # Bound everything a caller may build from before anything is built.
         self.spec  # noqa: B018 (raises on an unusable spec)
         self.schedule_name, self.timesteps, self.parameterization, self.zero_terminal_snr  # noqa: B018
+        self.tokenizer_json  # noqa: B018
 
     @cached_property  # read (and bounded) once: callers ask for it per request and per batch
     def spec(self) -> ModelSpec:
@@ -70,6 +72,14 @@ class Checkpoint:
     @property
     def label_names(self) -> list[str]:
         return [str(n) for n in self.meta["label_names"]]
+
+    @property
+    def tokenizer_json(self) -> str:
+        """A text model's caption tokenizer (cfgd.data.tokenizer JSON); refused if one is missing."""
+        text = self.meta.get("tokenizer")
+        if self.spec.condition == "text" and not isinstance(text, str):
+            raise CheckpointError(f"checkpoint {self.path} is refused: a text model without its tokenizer")
+        return text or ""
 
     @property
     def null_label(self) -> int:

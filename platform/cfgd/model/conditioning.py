@@ -102,6 +102,25 @@ class CrossAttention(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W).contiguous())
 
 
+def drop_condition(y, p_uncond: float, spec: ModelSpec, generator: torch.Generator | None = None):
+    """Condition dropout (cfg-math.md §4): each row's y becomes ∅ with probability p_uncond.
+
+    ∅ per kind (module docstring): the null label; the empty caption (all [PAD]); the
+    embedding's null flag set (the model substitutes its learned null vector).
+    """
+    if spec.condition == "label":
+        from cfgd.diffusion.process import drop_labels
+
+        return drop_labels(y, p_uncond, spec.null_label, generator)
+    key = "tokens" if spec.condition == "text" else "embedding"
+    B, device = y[key].shape[0], y[key].device
+    drop = torch.rand(B, generator=generator, device=device) < p_uncond if p_uncond > 0 else \
+        torch.zeros(B, dtype=torch.bool, device=device)
+    if spec.condition == "text":
+        return {"tokens": torch.where(drop[:, None], torch.zeros_like(y["tokens"]), y["tokens"])}
+    return {"embedding": y["embedding"], "null": y.get("null", torch.zeros_like(drop)) | drop}
+
+
 def build_condition(spec: ModelSpec, size: UNetSize, emb_dim: int) -> nn.Module | None:
     """The encoder of a text or embedding model; None for labels (the UNet's own class table,
     ``class_emb``, whose name every label checkpoint's weights carry)."""

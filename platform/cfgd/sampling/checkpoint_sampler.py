@@ -13,12 +13,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from cfgd.diffusion.plan import SamplingPlan
+from cfgd.diffusion import conditions as cond_ops
+from cfgd.diffusion.plan import Condition, SamplingPlan
 from cfgd.diffusion.process import EpsFn, as_eps_fn
 from cfgd.diffusion.solvers import sample
 from cfgd.io.checkpoint import Checkpoint, fetch_checkpoint, load_checkpoint
 from cfgd.io.storage import StorageOptions
 from cfgd.model.from_checkpoint import build_network
+from cfgd.sampling.row_conditions import as_condition, check_kind, encode_rows
 
 
 # Rows per network call on CPU. Measured with the demo model (bench/bench_sampling.py):
@@ -28,7 +30,7 @@ CPU_ROWS_PER_CALL = 32
 
 
 def eps_fn_of(model: torch.nn.Module, rows_per_call: int = 0, channels_last: bool = False) -> EpsFn:
-    """The network as the sampler sees it: eps_fn(x_t (B,C,H,W), t (B,), labels (B,)) → ε (B,C,H,W).
+    """The network as the sampler sees it: eps_fn(x_t (B,C,H,W), t (B,), y (B, …)) → ε (B,C,H,W).
 
     How the network is run, never what it computes:
 
@@ -38,7 +40,7 @@ def eps_fn_of(model: torch.nn.Module, rows_per_call: int = 0, channels_last: boo
     * ``channels_last`` feeds x in NHWC layout, for a model converted with
       ``model.to(memory_format=torch.channels_last)`` (oneDNN's faster CPU convolutions).
     """
-    def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return model(x, t, y).contiguous()
@@ -46,10 +48,11 @@ def eps_fn_of(model: torch.nn.Module, rows_per_call: int = 0, channels_last: boo
     if rows_per_call <= 0:
         return run
 
-    def chunked(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def chunked(x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         if x.shape[0] <= rows_per_call:
             return run(x, t, y)
-        return torch.cat([run(x[i:i + rows_per_call], t[i:i + rows_per_call], y[i:i + rows_per_call])
+        return torch.cat([run(x[i:i + rows_per_call], t[i:i + rows_per_call],
+                              cond_ops.take(y, slice(i, i + rows_per_call)))
                           for i in range(0, x.shape[0], rows_per_call)])
 
     return chunked
@@ -122,6 +125,10 @@ class CheckpointSampler:
 
     def check_guide(self, guide: "CheckpointSampler", name: str) -> None:
         """Autoguidance needs a guiding network that denoises the same problem."""
+        if self.checkpoint.spec.condition != "label":
+            # The main network encodes each row's prompt once; a guide would need its own encoding.
+            raise ValueError(f"guide {name!r}: rule 'autoguidance' is available for label models, and this "
+                             f"checkpoint is conditioned on {self.checkpoint.spec.condition}")
         # Parameterisations may differ: each network is turned into ε by its own eps_fn.
         mine, theirs = ((g.timesteps, g.checkpoint.schedule_name, g.checkpoint.zero_terminal_snr, g.shape,
                          g.num_classes) for g in (self, guide))
@@ -147,25 +154,25 @@ class CheckpointSampler:
             out[name] = gen.eps_fn()
         return out
 
-    def sample(self, labels: Sequence[int], seeds: Sequence[int], plan: SamplingPlan,
+    def sample(self, conditions: Sequence[int | Condition], seeds: Sequence[int], plan: SamplingPlan,
                guides: Mapping[str, "CheckpointSampler"] | None = None, batch_size: int = 256,
                progress: bool = False) -> torch.Tensor:
         """Images in [-1, 1], (N, C, H, W) float32 CPU; ``plan`` has one row per image.
 
-        Rows are sampled in chunks of ``batch_size``; each row depends only on its own
-        label, plan row and seed, so the chunking does not change the result.
+        ``conditions``: per image a class label (an int) or a Condition (label, prompt and
+        negative prompt, or embedding: the checkpoint's kind). Rows are sampled in chunks
+        of ``batch_size``; each row depends only on its own condition, plan row and seed,
+        so the chunking does not change the result.
         """
-        labels_t = torch.as_tensor(list(labels), dtype=torch.long)
-        bad = [int(v) for v in labels_t if not 0 <= v < self.num_classes]
-        if bad:
-            raise ValueError(f"class labels {bad} are outside [0, {self.num_classes})")
+        rows = [as_condition(c) for c in conditions]
+        check_kind(self.checkpoint, rows)
         plan.check(self.timesteps)
         guide_fns = self.guide_fns(plan, guides)
-        schedule, eps_fn, n = self.schedule(), self.eps_fn(), len(labels_t)
+        schedule, eps_fn, n = self.schedule(), self.eps_fn(), len(rows)
         outs = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            outs.append(sample(eps_fn, schedule, labels_t[lo:hi], list(seeds)[lo:hi], self.shape,
-                               plan.select(lo, hi), null_label=self.checkpoint.null_label, guides=guide_fns,
-                               device=self.device, progress=progress).cpu())
+            cond, uncond = encode_rows(self.checkpoint, self.model, rows[lo:hi], self.device)
+            outs.append(sample(eps_fn, schedule, cond, list(seeds)[lo:hi], self.shape, plan.select(lo, hi),
+                               guides=guide_fns, device=self.device, progress=progress, uncond=uncond).cpu())
         return torch.cat(outs)

@@ -27,10 +27,12 @@ def read_dataset(
     filesystem: fsspec.AbstractFileSystem | None = None,
     arrow_filesystem=None,
     seed: int | None = None,
+    tokenizer: str | None = None,
 ):
     """Lazy Ray Dataset of decoded rows of ``<root>/<split>``.
 
-    Rows are {"image": float32 (C, H, W) in [-1, 1], "label": int64}; decoding
+    Rows are {"image": float32 (C, H, W) in [-1, 1], "label": int64} and, given a
+    tokenizer's JSON, "tokens": int64 (L,) of the row's caption; decoding
     happens in map_batches because Ray cannot hand binary columns to
     iter_torch_batches. The shard files are read in a shuffled order, a new one for
     each epoch (``seed`` makes the sequence of orders repeatable); consumers mix rows
@@ -50,6 +52,6 @@ def read_dataset(
     ds = ray.data.read_parquet(split_dir, filesystem=arrow, include_paths=True, shuffle=shuffle)
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels},
+        fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels, "tokenizer": tokenizer},
         batch_format="numpy",
     )

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from cfgd import config as cfglib
-from cfgd.diffusion.process import drop_labels, make_schedule, training_loss
+from cfgd.diffusion.process import make_schedule, training_loss
+from cfgd.model.conditioning import drop_condition
 from cfgd.model.unet import build_model, count_params
 from cfgd.spec import ModelSpec
 from cfgd.train import checkpoint_eval
@@ -61,8 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if use_cuda:
         torch.backends.cudnn.benchmark = True
 
-    spec = ModelSpec(size=cfg.model.size, image_size=data["height"], in_channels=data["channels"],
-                     num_classes=len(data["class_names"]))
+    spec = model_spec(cfg, data)
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     model = build_model(spec).to(device)
     ema = EMA(model, tc.ema_decay)
@@ -87,7 +87,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if tc.compile:
         net = torch.compile(net)
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.zero_terminal_snr)
-    null = spec.null_label
     # Per-rank stream, offset by the step so a resumed run does not replay the same noise.
     gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + rank * 7919 + step)
     shard = ray.train.get_dataset_shard("train")
@@ -115,8 +114,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if steady_t0 is not None:
                 data_wait += time.perf_counter() - t_wait
             batches += 1
-            x0, y = batch["image"], batch["label"]
-            y = drop_labels(y, cfg.diffusion.p_uncond, null, gen)
+            x0 = batch["image"]
+            y = drop_condition(batch["label"] if spec.condition == "label" else {"tokens": batch["tokens"]},
+                               cfg.diffusion.p_uncond, spec, gen)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(tc, step)
             with autocast:
@@ -154,6 +154,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              f"the dataset is smaller than train.batch_size={tc.batch_size}")
         if step < tc.steps:
             epoch += 1
+
+
+def model_spec(cfg: cfglib.Config, data: dict) -> ModelSpec:
+    """The network's spec from the config and the data set's description (``loop_config["data"]``)."""
+    extra = {}
+    if cfg.model.condition == "text":
+        from cfgd.data.tokenizer import CaptionTokenizer
+
+        tok = CaptionTokenizer.from_json(data["tokenizer"])
+        extra = {"vocab_size": tok.vocab_size, "max_tokens": tok.max_tokens}
+    return ModelSpec(size=cfg.model.size, image_size=data["height"], in_channels=data["channels"],
+                     num_classes=len(data["class_names"]), condition=cfg.model.condition, **extra)
 
 
 def _eval_note(tc: cfglib.TrainConfig) -> str:

@@ -50,7 +50,8 @@ def report_checkpoint(cfg, spec, data, model, ema, opt, step, epoch, loss, extra
             Path(tmp) / "ckpt", model_state=model.state_dict(), ema_state=ema.state,
             optimizer_state=opt.state_dict(), spec=spec, label_names=data["class_names"],
             step=step, epoch=epoch, config=cfglib.masked(cfglib.to_dict(cfg)),
-            extra={**extra, "metrics": metrics})
+            extra={**extra, "metrics": metrics,
+                   **({"tokenizer": data["tokenizer"]} if data.get("tokenizer") else {})})
         evaluate = evaluated(cfg.train, step)
         ray.train.report({**metrics, **unscored}, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
                          checkpoint_upload_fn=functools.partial(persist_verified, attempts=cfg.storage.retries),
