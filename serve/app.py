@@ -71,6 +71,11 @@ def _unknown_job(job_id: str) -> JSONResponse:
     return JSONResponse(status_code=404, content={"detail": f"unknown bulk job {job_id[:64]!r}", "field": "job_id"})
 
 
+def _condition_headers(result: dict) -> dict:
+    """X-Label for a label model's grid (a prompt may not fit a header's Latin-1: it is in the JSON form)."""
+    return {"X-Label": str(result["label"])} if "label" in result else {}
+
+
 def _refusal(result: Any) -> JSONResponse | None:
     """A refusal returned by the sampler or the state actor, as its HTTP response."""
     r = serving.refused(result)
@@ -187,7 +192,7 @@ class Ingress:
         if serving.refused(result):
             return _refusal(result)
         if result["format"] == "grid":
-            headers = {"X-Checkpoint": result["checkpoint"], "X-Label": str(result["label"]),
+            headers = {"X-Checkpoint": result["checkpoint"], **_condition_headers(result),
                        "X-W": repr(result["w"]), "X-Seeds": ",".join(map(str, result["seeds"]))}
             return Response(content=result["grid"], media_type="image/png", headers=headers)
         return serving.to_http_json(result)

@@ -86,3 +86,28 @@ def gaussian_eps(mu: float, std: float, schedule):
         return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * std**2 + 1 - a)
 
     return eps
+
+
+CAPTIONS = ["a dark 3", "a light 7", "3, small, plain", "a photo of a large patterned 0", "a 5"]
+
+
+def tiny_text_checkpoint(directory, seed: int = 0, captions=CAPTIONS) -> Path:
+    """A complete checkpoint of a tiny text-conditioned UNet (8x8x1), perturbed like `tiny_net`,
+    carrying the tokenizer built from `captions` and nothing else of its (absent) data."""
+    from cfgd.config import load_config, to_dict
+    from cfgd.data.tokenizer import build
+    from cfgd.io.checkpoint import write_checkpoint
+    from cfgd.model.unet import build_model
+    from cfgd.spec import ModelSpec
+
+    tok = build(captions, max_tokens=8)
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec("tiny", 8, 1, 10, condition="text", vocab_size=tok.vocab_size,
+                                  max_tokens=tok.max_tokens)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = to_dict(load_config(None, ["model.condition=text", "diffusion.timesteps=100"]))
+    return write_checkpoint(Path(directory), model_state=model.state_dict(), ema_state=model.state_dict(),
+                            optimizer_state=None, spec=model.spec, label_names=DIGIT_NAMES, step=seed, epoch=0,
+                            config=config, extra={"tokenizer": tok.to_json()})

@@ -24,7 +24,7 @@ from cfgd import serving
 from cfgd.data.images import decode_png
 from cfgd.data.sources import FASHION_MNIST_CLASSES
 from cfgd.io import storage, transfers
-from builders import tiny_checkpoint
+from builders import tiny_text_checkpoint, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -50,7 +50,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-ckpts")
-    return {"a": _tiny_checkpoint(root / "a", 1), "b": _tiny_checkpoint(root / "b", 2)}
+    return {"a": _tiny_checkpoint(root / "a", 1), "b": _tiny_checkpoint(root / "b", 2),
+            "text": str(tiny_text_checkpoint(root / "text", 3))}
 
 
 def _settings(checkpoints, s3, **over):
@@ -746,6 +747,31 @@ def test_api_token_guards_every_route_but_health(server, ray_local, checkpoints,
                 assert new.encode() not in text and old.encode() not in text, f
     finally:
         serve.delete("cfgd-auth")
+
+
+def test_prompts_over_http_sample_and_bad_conditions_are_422_naming_the_field(server):
+    body = {"checkpoint": "text", "prompt": "a dark 3", "w": 2.0, "num_images": 2, "seed": 4, "steps": 4}
+    r = _post(server, "/generate", body)
+    plain = _images(r)
+    assert r.json()["prompt"] == "a dark 3" and r.json()["unknown_words"] == 0 and "label" not in r.json()
+    assert _images(_post(server, "/generate", body)) == plain  # same request, same bytes
+    neg = _post(server, "/generate", {**body, "negative_prompt": "light"})
+    assert _images(neg) != plain and neg.json()["negative_prompt"] == "light"
+    assert _post(server, "/generate", {**body, "prompt": "a purple 3"}).json()["unknown_words"] == 1
+    grid = _post(server, "/generate", {**body, "format": "grid"})
+    assert grid.status_code == 200 and "X-Label" not in grid.headers
+    bad = [({**body, "prompt": "x " * 20}, "prompt", "at most 8"),
+           ({**body, "negative_prompt": "y " * 20}, "negative_prompt", "at most 8"),
+           ({**body, "prompt": "z" * 301}, "prompt", "the limit is 300"),
+           ({**body, "prompt": 7}, "prompt", "string"),
+           ({k: v for k, v in body.items() if k != "prompt"}, "prompt", "give prompt"),
+           ({**body, "class_label": 3}, "class_label", "conditioned on text"),
+           ({**body, "embedding": [0.5, 1.0]}, "embedding", "conditioned on text"),
+           ({"class_label": 3, "prompt": "a 3", "steps": 2}, "prompt", "conditioned on label"),
+           ({"class_label": 3, "embedding": "AAAA", "steps": 2}, "embedding", "conditioned on label")]
+    for req, field, words in bad:
+        r = _post(server, "/generate", req)
+        assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):

@@ -46,6 +46,8 @@ class _FailsOnLabel(torch.nn.Module):
 
 def test_a_request_that_fails_inside_a_batch_fails_alone(tmp_path):
     from builders import tiny_checkpoint
+    from cfgd.diffusion.plan import Condition
+    from cfgd.serving.request_conditions import RequestCondition
 
     ck = load_checkpoint(tiny_checkpoint(tmp_path / "m", 0, perturb=False))
     good_gen = CheckpointSampler(ck, build_network(ck), torch.device("cpu"))
@@ -53,7 +55,8 @@ def test_a_request_that_fails_inside_a_batch_fails_alone(tmp_path):
     solver = Solver(steps=3)
 
     def spec(g, label, seed):
-        return serving.SampleSpec(gen=g, checkpoint="m", label=label, class_name=str(label), seeds=[seed],
+        cond = RequestCondition(Condition(label=label), str(label))
+        return serving.SampleSpec(gen=g, checkpoint="m", condition=cond, seeds=[seed],
                                   solver=solver, guidance=Guidance(w=1.0), guides={}, format="png_list")
 
     specs = [spec(gen, 1, 5), spec(gen, 9, 6), spec(gen, 3, 7)]

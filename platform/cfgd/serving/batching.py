@@ -13,17 +13,17 @@ import torch
 from cfgd.data.images import encode_png, to_uint8
 from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
 from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+from cfgd.serving.request_conditions import RequestCondition
 from cfgd.sampling.tiles import make_grid
 
 
 @dataclass
 class SampleSpec:
-    """One validated /generate request: ``n`` rows of one class and one w."""
+    """One validated /generate request: ``n`` rows of one condition and one w."""
 
     gen: CheckpointSampler
     checkpoint: str
-    label: int
-    class_name: str
+    condition: RequestCondition
     seeds: list[int]
     solver: Solver
     guidance: Guidance
@@ -35,7 +35,7 @@ class SampleSpec:
         return len(self.seeds)
 
     def schedule_key(self) -> tuple:
-        """Requests with equal keys share one ``CheckpointSampler.sample`` call: class, seed and
+        """Requests with equal keys share one ``CheckpointSampler.sample`` call: condition, seed and
         the whole guidance rule may differ per row; the checkpoint and solver may not."""
         return (id(self.gen), self.solver)
 
@@ -43,7 +43,7 @@ class SampleSpec:
 def _sample_group(members: list[SampleSpec]) -> list[torch.Tensor]:
     """One ``CheckpointSampler.sample`` call for requests that share a checkpoint and solver."""
     first = members[0]
-    labels = [s.label for s in members for _ in range(s.n)]
+    labels = [s.condition.condition for s in members for _ in range(s.n)]
     seeds = [seed for s in members for seed in s.seeds]
     plan = SamplingPlan(solver=first.solver, rows=tuple(s.guidance for s in members for _ in range(s.n)))
     guides = {k: g for s in members for k, g in s.guides.items()}
@@ -93,7 +93,7 @@ def render(spec: SampleSpec, images: torch.Tensor) -> dict:
     """The response body of one request (PNG bytes, not yet base64)."""
     u8 = to_uint8(images)
     g, sol = spec.guidance, spec.solver
-    meta = {"label": spec.label, "class_name": spec.class_name, "w": g.w, "guidance_scale": 1.0 + g.w,
+    meta = {**spec.condition.describe(), "w": g.w, "guidance_scale": 1.0 + g.w,
             "seeds": spec.seeds, "checkpoint": spec.checkpoint, "solver": sol.name, "steps": sol.steps,
             "eta": sol.eta, "spacing": sol.spacing, "rule": g.rule,
             "interval": list(g.interval) if g.interval else None, "format": spec.format}

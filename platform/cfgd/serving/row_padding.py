@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from cfgd.diffusion import conditions as cond_ops
+
 
 class RowPadded(torch.nn.Module):
     """The network with every forward batch padded to a multiple of ``multiple`` rows.
@@ -13,7 +15,8 @@ class RowPadded(torch.nn.Module):
     t = T divides ε̂ by sqrt(ᾱ_T) ≈ 0.01, so a seed gave visibly different images alone
     and inside a batch (up to 1e-2; torch 2.13 CPU, measured). Every batch of >= 16 rows
     gave bit-identical rows, so padding makes an image's bytes independent of what it
-    was batched with. Pad rows copy row 0's timestep and label; their output is dropped.
+    was batched with. Pad rows copy row 0's timestep and condition; their output is dropped.
+    The text or embedding encoder (``encode``) is padded the same way.
     """
 
     def __init__(self, net: torch.nn.Module, multiple: int):
@@ -21,7 +24,16 @@ class RowPadded(torch.nn.Module):
         self.net = net
         self.multiple = multiple
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _pad_rows(self, y, pad: int):
+        return cond_ops.cat([y, cond_ops.take(y, torch.zeros(pad, dtype=torch.long, device=t_device(y)))])
+
+    def encode(self, y) -> dict:
+        B = cond_ops.rows(y)
+        pad = -B % self.multiple
+        out = self.net.encode(self._pad_rows(y, pad) if pad else y)
+        return cond_ops.take(out, slice(0, B))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         B = x.shape[0]
         pad = -B % self.multiple
         if pad == 0:
@@ -31,5 +43,8 @@ class RowPadded(torch.nn.Module):
         if nhwc:  # cat returns NCHW; keep the layout the network was converted to
             x = x.contiguous(memory_format=torch.channels_last)
         t = torch.cat([t, t[:1].expand(pad)])
-        y = torch.cat([y, y[:1].expand(pad)])
-        return self.net(x, t, y)[:B]
+        return self.net(x, t, self._pad_rows(y, pad))[:B]
+
+
+def t_device(y) -> torch.device:
+    return y.device if isinstance(y, torch.Tensor) else next(iter(y.values())).device

@@ -15,6 +15,7 @@ from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.checkpoint_cache import ModelCache
+from cfgd.serving.request_conditions import request_condition
 from cfgd.serving.schemas import MAX_SEED, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
@@ -142,14 +143,13 @@ class SamplerCore:
     def prepare(self, body: dict | GenerateRequest) -> SampleSpec:
         req: GenerateRequest = parse(GenerateRequest, body)
         name, gen, s = self.generator(req.checkpoint)
-        names = gen.checkpoint.label_names
-        label = _resolve_class(req.class_label, req.class_name, names, "class_label", "class_name")
+        cond = request_condition(req, gen, s, _resolve_class)
         if req.num_images > s.max_images:
             raise RequestError(422, "num_images", f"num_images {req.num_images} is over the limit {s.max_images}")
         if req.seed + req.num_images - 1 > MAX_SEED:
             raise RequestError(422, "seed", f"seed + num_images - 1 must be <= {MAX_SEED}")
         solver, guidance = _plan_fields(req, s, gen.timesteps)
-        return SampleSpec(gen=gen, checkpoint=name, label=label, class_name=names[label],
+        return SampleSpec(gen=gen, checkpoint=name, condition=cond,
                           seeds=[req.seed + i for i in range(req.num_images)], solver=solver, guidance=guidance,
                           guides=self._guide(gen, guidance), format=req.format)
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, ValidationError,
                       create_model, model_validator)
 
-from cfgd.diffusion.plan import FIELDS, RENAMED, edge_field, field_info
+from cfgd.diffusion.plan import FIELDS, MAX_PROMPT_CHARS, RENAMED, Condition, edge_field, field_info
 
 MAX_SEED = 2**63 - 1
 # Caps on what one request may carry, so no field can make the server allocate or loop
@@ -17,7 +17,9 @@ MAX_W_VALUES = 64  # strengths per bulk request
 MAX_NAME = 256  # class, checkpoint and guide names
 MAX_PATH = 1024  # bulk destinations
 MAX_COUNT = 10_000_000  # images per (class, w) cell; the total is capped by max_bulk_images
+MAX_EMBEDDING_JSON = 16_384  # values of an embedding given as a JSON list (the server's own cap is lower)
 Name = Annotated[str, StringConstraints(max_length=MAX_NAME)]
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
 
 
@@ -99,11 +101,24 @@ PlanFields = create_model(
 )
 
 
-class GenerateRequest(PlanFields):
-    """POST /generate. Image i uses seed ``seed + i``; same request → same bytes."""
+class ConditionFields(_Strict):
+    """The condition of a request's images: which one is needed is the checkpoint's
+    (``condition`` in GET /checkpoints): a class (label models), a prompt (text models) or an
+    embedding (embedding models)."""
 
     class_label: Optional[StrictInt] = Field(None, ge=0, le=2**31, description="class index; or give class_name")
     class_name: Optional[Name] = Field(None, description="a label name of the checkpoint")
+    prompt: Optional[Prompt] = Field(None, description=Condition.model_fields["prompt"].description)
+    negative_prompt: Optional[Prompt] = Field(None, description=Condition.model_fields["negative_prompt"].description)
+    embedding: Optional[Union[Annotated[list[float], Field(max_length=MAX_EMBEDDING_JSON)],
+                              Annotated[str, StringConstraints(max_length=4 * MAX_EMBEDDING_JSON)]]] = Field(
+        None, description="the condition vector, flat (tokens × dim of the checkpoint): a list of numbers, or "
+                          "base64 of little-endian float32")
+
+
+class GenerateRequest(PlanFields, ConditionFields):
+    """POST /generate. Image i uses seed ``seed + i``; same request → same bytes."""
+
     num_images: StrictInt = Field(1, ge=1, le=MAX_LIST, description="images (the server caps it: max_images)")
     seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     format: Literal["png_list", "grid"] = "png_list"

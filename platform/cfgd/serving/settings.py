@@ -36,6 +36,8 @@ class ServeSettings(BaseModel):
     default_w: float = 1.0  # when a request gives neither w nor guidance_scale
     max_images: int = 16  # per /generate request
     max_steps: int = 250  # also capped by the checkpoint's T
+    max_prompt_chars: int = 300  # prompt / negative_prompt length (tokens are capped by the checkpoint)
+    max_embedding_values: int = 4096  # an embedding's values (also fixed by the checkpoint's tokens × dim)
     default_steps: int = 50
     max_batch_size: int = 8  # requests merged by @serve.batch (<= max_ongoing_requests)
     batch_wait_timeout_s: float = 0.05
@@ -85,6 +87,8 @@ class ServeSettings(BaseModel):
             Rule("default_w", self.default_w, self.w_min <= self.default_w <= self.w_max, "in [w_min, w_max]"),
             Rule("max_images", self.max_images, self.max_images >= 1, ">= 1"),
             Rule("max_steps", self.max_steps, self.max_steps >= 1, ">= 1"),
+            Rule("max_prompt_chars", self.max_prompt_chars, self.max_prompt_chars >= 1, ">= 1"),
+            Rule("max_embedding_values", self.max_embedding_values, self.max_embedding_values >= 1, ">= 1"),
             Rule("default_steps", self.default_steps, 1 <= self.default_steps <= self.max_steps, "in [1, max_steps]"),
             Rule("max_batch_size", self.max_batch_size, self.max_batch_size >= 1, ">= 1"),
             Rule("batch_wait_timeout_s", self.batch_wait_timeout_s, self.batch_wait_timeout_s >= 0, ">= 0"),
