@@ -21,6 +21,11 @@ the runs of the variants interleaved (round-robin) so that machine noise hits th
   interval     the platform with a guidance interval covering half of the steps
 
 naive and diffusers drive the network as loaded, as a user's own loop would.
+--text compares a text-conditioned model (a transformer text encoder, cross-attention
+at the attention levels) with the label model of the same size: the cost per step of
+each floor, the cross-attention's share, and the platform sampler over the text model
+(prompts encoded once per batch) against its floor.
+
 Then every solver × guidance rule against the floor (--skip-rules to skip), scaling in
 batch size and steps, 5 w values batched together vs 5 runs, and the peak memory of
 sampling with 10 vs 250 steps (separate processes).
@@ -214,6 +219,57 @@ def rules_table(net: Net, B: int, steps: int, repeats: int) -> None:
             print(f"  {name:<26} {t:8.3f} {t / times['floor']:8.3f}")
 
 
+def text_vs_label(net: Net, B: int, steps: int, repeats: int, text_checkpoint: str | None) -> None:
+    """Per-step cost of the text model against the label model, and the sampler over it."""
+    from cfgd.diffusion.plan import Condition
+    from cfgd.sampling.row_conditions import encode_rows
+
+    if text_checkpoint:
+        gen = CheckpointSampler.load(text_checkpoint)
+    else:
+        from cfgd.data.tokenizer import build
+        from cfgd.io.checkpoint import Checkpoint
+
+        torch.manual_seed(0)
+        tok = build([f"a {a} {c}" for a in ("dark", "light", "small", "large", "plain", "patterned")
+                     for c in ("dress", "bag", "shirt", "coat", "sandal", "sneaker", "trouser", "pullover")])
+        spec = ModelSpec("small", 28, 1, 10, condition="text", vocab_size=tok.vocab_size, max_tokens=tok.max_tokens)
+        model, rows, nhwc = prepare_network(build_model(spec).eval(), "cpu")
+        meta = {"model": spec.to_dict(), "tokenizer": tok.to_json(), "step": 0,
+                "config": {"diffusion": {"schedule": "cosine", "timesteps": 1000}}}
+        gen = CheckpointSampler(Checkpoint("untrained", meta), model, torch.device("cpu"), rows, nhwc)
+    prompts = [Condition(prompt=f"a {['dark', 'light', 'small', 'large'][i % 4]} dress") for i in range(B)]
+    schedule, text_eps = gen.schedule(), gen.eps_fn()
+    ts = ddim_timesteps(schedule.T, steps, "trailing")
+    labels, null = torch.arange(B) % net.num_classes, null_label(net.num_classes)
+    cond, uncond = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)
+
+    @torch.inference_mode()
+    def floor(eps_fn, y):
+        x = torch.randn(2 * B, *net.shape)
+        for t in ts:
+            eps_fn(x, torch.full((2 * B,), t), y)
+
+    from cfgd.diffusion import conditions as cond_ops
+
+    both = cond_ops.cat([cond, uncond])
+    plan = SamplingPlan(solver=Solver(steps=steps), rows=(Guidance(w=2.0),) * B)
+
+    def platform_text():
+        c, u = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)  # once per batch, timed with it
+        sample(text_eps, schedule, c, list(range(B)), gen.shape, plan, uncond=u)
+
+    times = median_times({"label floor": lambda: floor(net.eps_fn, torch.cat([labels, torch.full((B,), null)])),
+                          "text floor": lambda: floor(text_eps, both), "text platform": platform_text}, repeats)
+    lf, tf, tp = times["label floor"], times["text floor"], times["text platform"]
+    print(f"
+text vs label model ({B} images, {steps} DDIM steps, w = 2; {gen.checkpoint.path}):")
+    print(f"  label floor   {lf:7.3f} s  {lf / steps * 1000:7.1f} ms/step")
+    print(f"  text floor    {tf:7.3f} s  {tf / steps * 1000:7.1f} ms/step  (text / label {tf / lf:.3f}: the "
+          f"cross-attention and the pooled vector cost {100 * (tf - lf) / tf:.0f} % of a text step)")
+    print(f"  text platform {tp:7.3f} s  / text floor {tp / tf:.3f}   (target <= 1.05; includes encoding the prompts)")
+
+
 def mem_child(steps: int, checkpoint: str | None, B: int) -> None:
     net = load_net(checkpoint)
     nc = net.num_classes
@@ -239,6 +295,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="checkpoint or run dir (default: an untrained small UNet)")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-rules", action="store_true")
+    ap.add_argument("--text", action="store_true", help="only the text-vs-label model comparison")
+    ap.add_argument("--text-checkpoint", default=None, help="a text model for --text (default: an untrained one)")
     ap.add_argument("--mem-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -250,6 +308,9 @@ def main() -> None:
     net = load_net(args.checkpoint)
     shape, nc, schedule = net.shape, net.num_classes, net.schedule
     B, steps = args.batch, args.steps
+    if args.text:
+        text_vs_label(net, B, steps, args.repeats, args.text_checkpoint)
+        return
     print(f"machine: {_platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; image {shape}, batch {B}, {steps} DDIM steps, w = {args.w}, "
           f"median of {args.repeats} interleaved rounds\n")

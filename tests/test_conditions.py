@@ -152,3 +152,66 @@ def test_specs_of_older_checkpoints_read_as_label_models_and_bad_conditions_are_
         ModelSpec.from_dict({**old, "condition": "text", "max_tokens": 8})
     with pytest.raises(ValueError, match=r"embedding_dim=10000000 is not valid"):
         ModelSpec.from_dict({**old, "condition": "embedding", "embedding_tokens": 1, "embedding_dim": 10**7})
+
+
+# ------------------------------------------------------------ the HTTP edge, without Serve
+
+
+def _core(tmp_path):
+    from cfgd.serving.sampler import SamplerCore
+    from cfgd.serving.settings import ServeSettings
+    from builders import tiny_checkpoint
+
+    core = SamplerCore()
+    core.apply(ServeSettings.from_dict({
+        "checkpoints": {"text": str(tiny_text_checkpoint(tmp_path / "text")),
+                        "digits": str(tiny_checkpoint(tmp_path / "digits", overrides=["diffusion.timesteps=100"]))},
+        "default_checkpoint": "text", "default_steps": 2, "max_embedding_values": 64}))
+    return core
+
+
+def test_request_conditions_fuzzed_are_sampled_or_refused_with_a_4xx_naming_a_field(tmp_path):
+    """Any prompt, negative prompt or embedding a client can send: a 4xx naming the field, or images."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from cfgd.serving.schemas import RequestError
+
+    core = _core(tmp_path)
+    fields = {"prompt", "negative_prompt", "embedding", "class_label", "class_name"}
+    text = st.text(max_size=60) | st.sampled_from(["a dark 3", "", "a 5 , small", "ünïcødé 3", "a\x00b"])
+    emb = st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=70) | \
+        st.text(max_size=40) | st.binary(max_size=300).map(lambda b: __import__("base64").b64encode(b).decode())
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.fixed_dictionaries({}, optional={"prompt": text, "negative_prompt": text, "embedding": emb,
+                                              "class_label": st.integers(-2, 12),
+                                              "checkpoint": st.sampled_from(["text", "digits"])}))
+    def check(body):
+        try:
+            spec = core.prepare({**body, "steps": 2})
+        except RequestError as err:
+            assert 400 <= err.status < 500 and err.field.split(".")[0] in fields | {"checkpoint", "body"}, err
+            return
+        (images,) = core.sample([spec])
+        assert isinstance(images, torch.Tensor) and torch.isfinite(images).all(), images
+
+    check()
+
+
+def test_a_base64_embedding_is_decoded_and_checked_against_the_checkpoint_shape():
+    import base64
+
+    import numpy as np
+
+    from cfgd.serving.request_conditions import decode_embedding
+    from cfgd.serving.schemas import RequestError
+
+    v = np.array([0.5, -1.25, 3.0], dtype="<f4")
+    assert decode_embedding(base64.b64encode(v.tobytes()).decode(), 3, 10) == (0.5, -1.25, 3.0)
+    assert decode_embedding([1, 2.5, 3], 3, 10) == (1.0, 2.5, 3.0)
+    for value, words in [("not base64!", "not base64"), (base64.b64encode(b"abcde").decode(), "whole number"),
+                         ([1.0, 2.0], "this checkpoint takes 3"), ([0.0] * 11, "the limit is 10"),
+                         (base64.b64encode(np.array([1, np.nan, 2], "<f4").tobytes()).decode(), "finite")]:
+        with pytest.raises(RequestError, match=words) as err:
+            decode_embedding(value, 3, 10)
+        assert err.value.status == 422 and err.value.field == "embedding"
