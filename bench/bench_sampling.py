@@ -262,8 +262,7 @@ def text_vs_label(net: Net, B: int, steps: int, repeats: int, text_checkpoint: s
     times = median_times({"label floor": lambda: floor(net.eps_fn, torch.cat([labels, torch.full((B,), null)])),
                           "text floor": lambda: floor(text_eps, both), "text platform": platform_text}, repeats)
     lf, tf, tp = times["label floor"], times["text floor"], times["text platform"]
-    print(f"
-text vs label model ({B} images, {steps} DDIM steps, w = 2; {gen.checkpoint.path}):")
+    print(f"\ntext vs label model ({B} images, {steps} DDIM steps, w = 2; {gen.checkpoint.path}):")
     print(f"  label floor   {lf:7.3f} s  {lf / steps * 1000:7.1f} ms/step")
     print(f"  text floor    {tf:7.3f} s  {tf / steps * 1000:7.1f} ms/step  (text / label {tf / lf:.3f}: the "
           f"cross-attention and the pooled vector cost {100 * (tf - lf) / tf:.0f} % of a text step)")

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<split>/part-00000.parquet``, ``part-00001.parquet``, ...
 One row per image with columns ``image`` (binary, PNG bytes) and ``label``
-(int64), and optionally ``caption`` (string: a text condition). The Arrow schema
+(int64), and optionally ``caption`` (string: a text condition) and ``embedding`` (a
+fixed-size list of float32: a precomputed condition vector, cfgd.data.embedding_column). The Arrow schema
 metadata key ``b"cfgd"`` holds JSON::
 
     {"class_names": [...], "height": H, "width": W, "channels": C,
@@ -30,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cfgd.data.embedding_column import EMBEDDING, embedding_shape, is_embedding_type
 from cfgd.data.images import MODE_FOR_CHANNELS, encode_png
 from cfgd.data.sources import SPLITS, check_labels, load_image_folder, load_source
 from cfgd.io.access import check_access
@@ -227,10 +229,13 @@ def _parse_cfgd_metadata(schema: pa.Schema, path: str) -> dict:
     if not isinstance(conditions, dict) or not set(conditions) <= set(CONDITION_COLUMNS):
         raise ValueError(f"{path}: cfgd metadata conditions must map condition columns "
                          f"{list(CONDITION_COLUMNS)} to their description, got {conditions!r}")
+    if EMBEDDING in conditions:
+        embedding_shape(conditions[EMBEDDING], path)
     return meta
 
 
-CONDITION_COLUMNS = {"caption": (pa.types.is_string, "string")}  # beyond the label
+CONDITION_COLUMNS = {"caption": (pa.types.is_string, "string"),  # beyond the label
+                     EMBEDDING: (is_embedding_type, "fixed_size_list<float32>[tokens·dim]")}
 
 
 def _check_columns(schema: pa.Schema, path: str, conditions: dict) -> None:
@@ -241,6 +246,11 @@ def _check_columns(schema: pa.Schema, path: str, conditions: dict) -> None:
             raise ValueError(f"{path}: metadata declares condition {name!r} but the column is "
                              f"{'missing' if name not in schema.names else schema.field(name).type}; "
                              f"expected {want}")
+        if name == EMBEDDING:
+            L, D = embedding_shape(conditions[name], path)
+            if schema.field(name).type.list_size != L * D:
+                raise ValueError(f"{path}: column 'embedding' holds {schema.field(name).type.list_size} values per "
+                                 f"row but the metadata declares shape [{L}, {D}]")
     for name, ok, want in (
         ("image", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
         ("label", pa.types.is_integer, "integer"),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
+from cfgd.data.embedding_column import embedding_array
 from cfgd.data.images import decode_png, uint8_to_unit
 from cfgd.data.shards import DatasetMeta, read_split_meta
 from cfgd.io.storage import StorageOptions, fsspec_fs
@@ -34,7 +35,8 @@ def _tokenizer(tokenizer_json: str):
     return CaptionTokenizer.from_json(tokenizer_json)
 
 
-def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer: str | None = None) -> dict:
+def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer: str | None = None,
+                 embedding_shape: tuple[int, int] | None = None) -> dict:
     """Decode a Ray Data numpy batch of PNG rows into model-ready arrays.
 
     Args:
@@ -43,10 +45,11 @@ def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer:
             read_parquet(include_paths=True)}.
         height, width, channels: expected decoded image shape (H, W, C).
         tokenizer: a caption tokenizer's JSON (cfgd.data.tokenizer): captions become token ids.
+        embedding_shape: (L, D) of the ``embedding`` column, to read it.
 
     Returns:
-        {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}, and with a
-        tokenizer "tokens": int64 (B, L).
+        {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}, with a
+        tokenizer "tokens": int64 (B, L), with an embedding shape "embedding": float32 (B, L, D).
     """
     images = batch["image"]
     paths = batch.get("path")
@@ -68,6 +71,8 @@ def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer:
         if "caption" not in batch:
             raise ValueError(f"{paths[0] if paths is not None else '<unknown file>'}: no caption column to tokenize")
         decoded["tokens"] = _tokenizer(tokenizer).encode([str(c) for c in batch["caption"]], field="caption").ids
+    if embedding_shape is not None:
+        decoded["embedding"] = embedding_array(batch["embedding"], tuple(embedding_shape))
     return decoded
 
 

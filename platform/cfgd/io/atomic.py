@@ -116,3 +116,11 @@ def _replace_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str, old: str) ->
     _move(fs, src, dst)
     if fs.exists(old):
         fs.rm(old, recursive=True)
+
+
+def replace_dir(src: str, final: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Put the filled directory ``src`` at ``final`` (created or replaced) as :func:`staged_dir`
+    commits, for content staged across runs (a resumable job's progress directory)."""
+    fs = fs if fs is not None else fsspec.filesystem("file")
+    parent, name = posixpath.dirname(final), posixpath.basename(final)
+    _replace_dir(fs, src, final, posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}"))

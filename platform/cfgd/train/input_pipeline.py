@@ -28,11 +28,13 @@ def read_dataset(
     arrow_filesystem=None,
     seed: int | None = None,
     tokenizer: str | None = None,
+    embedding_shape: tuple[int, int] | None = None,
 ):
     """Lazy Ray Dataset of decoded rows of ``<root>/<split>``.
 
     Rows are {"image": float32 (C, H, W) in [-1, 1], "label": int64} and, given a
-    tokenizer's JSON, "tokens": int64 (L,) of the row's caption; decoding
+    tokenizer's JSON, "tokens": int64 (L,) of the row's caption; given an embedding shape,
+    "embedding": float32 (L, D); decoding
     happens in map_batches because Ray cannot hand binary columns to
     iter_torch_batches. The shard files are read in a shuffled order, a new one for
     each epoch (``seed`` makes the sequence of orders repeatable); consumers mix rows
@@ -52,6 +54,7 @@ def read_dataset(
     ds = ray.data.read_parquet(split_dir, filesystem=arrow, include_paths=True, shuffle=shuffle)
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels, "tokenizer": tokenizer},
+        fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels, "tokenizer": tokenizer,
+                   "embedding_shape": embedding_shape},
         batch_format="numpy",
     )

@@ -50,28 +50,31 @@ def _eval_summary(result, out: str, opts) -> None:
     log(f"evaluation curve: {paths['plot']} (table {paths['table']})")
 
 
-def _condition_data(cfg: cfglib.Config, meta, opts) -> str | None:
+def _condition_data(cfg: cfglib.Config, meta, opts) -> dict:
     """What ``model.condition`` needs from the data set, checked on the driver: for text, the
-    caption column and the tokenizer (its JSON, returned: workers tokenize with it and every
-    checkpoint carries it). Raises ConfigError naming the key and what to do."""
+    caption column and the tokenizer (its JSON: workers tokenize with it and every checkpoint
+    carries it); for embeddings, the column and its shape. Returns the ``loop_config["data"]``
+    entries and read_dataset's keywords; raises ConfigError naming the key and what to do."""
     cond = cfg.model.condition
     if cond == "label":
-        return None
+        return {}
     column = "caption" if cond == "text" else cond
     if column not in meta.conditions:
         raise cfglib.ConfigError(
             f"model.condition={cond!r} needs a {column!r} column in {cfg.data.root}, which has "
             f"{['label', *meta.conditions]}" + ("; prepare it with data.captions=attributes (or captions from "
                                                   "the source)" if cond == "text" else ""))
-    if cond != "text":
-        raise cfglib.ConfigError(f"model.condition={cond!r}: training on embeddings is not available yet")
+    if cond == "embedding":
+        shape = list(meta.conditions["embedding"]["shape"])
+        log(f"embeddings: {shape[0]}×{shape[1]} per image, from {meta.conditions['embedding'].get('encoder', '?')}")
+        return {"embedding_shape": shape}
     from cfgd.data.tokenizer import TOKENIZER_FILE, CaptionTokenizer
 
     uri = f"{cfg.data.root.rstrip('/')}/{TOKENIZER_FILE}"
     text = transfers.read_bytes(uri, opts).decode()
     tok = CaptionTokenizer.from_json(text)
     log(f"captions: tokenizer {uri} ({tok.vocab_size} tokens, at most {tok.max_tokens} per caption)")
-    return text
+    return {"tokenizer": text}
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:
@@ -109,7 +112,7 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     validate_labels(cfg.data.root, "train", meta, data_fs)
     log(f"data: {meta.num_rows} rows of {meta.height}x{meta.width}x{meta.channels} in {len(meta.files)} shard(s) "
          f"under {cfg.data.root}; {meta.num_classes} classes: {', '.join(meta.class_names)}")
-    tokenizer = _condition_data(cfg, meta, opts)
+    conditioning = _condition_data(cfg, meta, opts)
     if cfg.train.eval_every:
         checkpoint_eval.check_evaluator(cfg, (meta.channels, meta.height, meta.width), meta.num_classes)
     out = run_uri(cfg.train)
@@ -124,7 +127,7 @@ def fit(cfg: cfglib.Config, loop_fn=None):
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = read_dataset(cfg.data.root, "train", meta, data_fs,
                            arrow_filesystem=storage.arrow_fs(cfg.data.root, opts), seed=cfg.train.seed,
-                           tokenizer=tokenizer)
+                           **conditioning)
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = 1
@@ -134,7 +137,7 @@ def fit(cfg: cfglib.Config, loop_fn=None):
         # storage_filesystem), so they get the masked config, which Ray may display.
         train_loop_config={"config": cfglib.masked(cfglib.to_dict(cfg)),
                            "data": {"class_names": meta.class_names, "height": meta.height,
-                                    "width": meta.width, "channels": meta.channels, "tokenizer": tokenizer}},
+                                    "width": meta.width, "channels": meta.channels, **conditioning}},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),

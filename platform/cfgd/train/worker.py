@@ -115,8 +115,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 data_wait += time.perf_counter() - t_wait
             batches += 1
             x0 = batch["image"]
-            y = drop_condition(batch["label"] if spec.condition == "label" else {"tokens": batch["tokens"]},
-                               cfg.diffusion.p_uncond, spec, gen)
+            y = drop_condition(condition_of(batch, spec.condition), cfg.diffusion.p_uncond, spec, gen)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(tc, step)
             with autocast:
@@ -164,8 +163,20 @@ def model_spec(cfg: cfglib.Config, data: dict) -> ModelSpec:
 
         tok = CaptionTokenizer.from_json(data["tokenizer"])
         extra = {"vocab_size": tok.vocab_size, "max_tokens": tok.max_tokens}
+    elif cfg.model.condition == "embedding":
+        extra = {"embedding_tokens": data["embedding_shape"][0], "embedding_dim": data["embedding_shape"][1]}
     return ModelSpec(size=cfg.model.size, image_size=data["height"], in_channels=data["channels"],
                      num_classes=len(data["class_names"]), condition=cfg.model.condition, **extra)
+
+
+def condition_of(batch: dict, kind: str):
+    """A training batch's raw condition y for a model of ``kind`` (cfgd.model.conditioning)."""
+    if kind == "label":
+        return batch["label"]
+    if kind == "text":
+        return {"tokens": batch["tokens"]}
+    e = batch["embedding"]
+    return {"embedding": e, "null": torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)}
 
 
 def _eval_note(tc: cfglib.TrainConfig) -> str:
