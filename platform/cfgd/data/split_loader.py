@@ -13,12 +13,12 @@ this module for :func:`decode_batch` and need numpy only.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from cfgd.data import tokenizer as tokenizers
 from cfgd.data.embedding_column import embedding_array
 from cfgd.data.images import decode_png, uint8_to_unit
 from cfgd.data.shards import DatasetMeta, read_split_meta
@@ -26,13 +26,6 @@ from cfgd.io.storage import StorageOptions, fsspec_fs
 
 if TYPE_CHECKING:
     import torch
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(tokenizer_json: str):
-    from cfgd.data.tokenizer import CaptionTokenizer
-
-    return CaptionTokenizer.from_json(tokenizer_json)
 
 
 def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer: str | None = None,
@@ -70,7 +63,7 @@ def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer:
     if tokenizer is not None:
         if "caption" not in batch:
             raise ValueError(f"{paths[0] if paths is not None else '<unknown file>'}: no caption column to tokenize")
-        decoded["tokens"] = _tokenizer(tokenizer).encode([str(c) for c in batch["caption"]], field="caption").ids
+        decoded["tokens"] = tokenizers.cached(tokenizer).encode([str(c) for c in batch["caption"]], field="caption").ids
     if embedding_shape is not None:
         decoded["embedding"] = embedding_array(batch["embedding"], tuple(embedding_shape))
     return decoded

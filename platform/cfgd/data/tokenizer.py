@@ -13,6 +13,7 @@ prompt meets at sampling time (and that a request's error names):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -80,6 +81,13 @@ class CaptionTokenizer:
         if not isinstance(doc, dict) or "tokenizer" not in doc or not isinstance(doc.get("max_tokens"), int):
             raise ValueError("not a cfgd caption tokenizer (expected {'max_tokens': int, 'tokenizer': {...}})")
         return cls(Tokenizer.from_str(json.dumps(doc["tokenizer"])), doc["max_tokens"])
+
+
+@functools.lru_cache(maxsize=16)
+def cached(text: str) -> CaptionTokenizer:
+    """``CaptionTokenizer.from_json(text)``, parsed once per process for each tokenizer (decode
+    tasks and samplers see the same JSON on every batch)."""
+    return CaptionTokenizer.from_json(text)
 
 
 TOKENIZER_FILE = "tokenizer.json"  # next to a captioned data set's splits, and in its checkpoints

@@ -191,12 +191,13 @@ def sample(eps_fn: EpsFn, schedule: Schedule, cond: Cond, seeds: Sequence[int], 
                          f"{len(plan)} plan rows")
     plan.check(schedule.T)
     device = torch.device(device)
-    if uncond is None and null_label is not None and isinstance(cond, torch.Tensor):
-        uncond = torch.full_like(cond, null_label)
-    if uncond is not None and cond_ops.rows(uncond) != B:
-        raise ValueError(f"need one unconditional condition per row: {B} rows, {cond_ops.rows(uncond)} given")
     cond = cond_ops.to(cond, device)
-    uncond = None if uncond is None else cond_ops.to(uncond, device)
+    if uncond is None:
+        uncond = null_label  # GuidedDenoiser turns a label batch's null label into its rows
+    elif cond_ops.rows(uncond) != B:
+        raise ValueError(f"need one unconditional condition per row: {B} rows, {cond_ops.rows(uncond)} given")
+    else:
+        uncond = cond_ops.to(uncond, device)
     denoise = GuidedDenoiser(eps_fn, schedule, cond, plan, uncond, guides)
     ts = ddim_timesteps(schedule.T, plan.solver.steps, plan.solver.spacing, schedule.alphas_cumprod)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -29,7 +29,7 @@ from cfgd.data.shards import read_split_meta, split_path
 from cfgd.data.split_loader import decode_batch
 from cfgd.embed.embed_config import EmbedConfig
 from cfgd.io import access, atomic, transfers
-from cfgd.io.storage import fsspec_fs, is_remote
+from cfgd.io.storage import fsspec_fs, is_remote, strip_scheme
 
 
 def import_callable(path: str) -> Callable:
@@ -127,20 +127,17 @@ def run(cfg: EmbedConfig, log: Callable[[str], None] = print) -> dict[str, str]:
         fs_out.makedirs(progress, exist_ok=True)
         pending = []
         for path in meta.files:
-            table = _read(fs_in, path)
             target = posixpath.join(progress, posixpath.basename(path))
-            if _shard_done(fs_out, target, table.num_rows):
+            if _shard_done(fs_out, target, _num_rows(fs_in, path)):
                 log(f"{split}/{posixpath.basename(path)}: done in an earlier run, kept")
             else:
-                pending.append((target, table))
+                pending.append((target, _read(fs_in, path)))
         t0 = time.perf_counter()
         for (target, table), vectors in zip(pending, _encode(cfg, [t for _, t in pending], shape)):
             out = with_embedding(table, vectors.reshape(table.num_rows, *dims), description)
             buf = io.BytesIO()
             pq.write_table(out, buf)
-            uri = (cfg.out.rstrip("/") + target[len(posixpath.dirname(final).rstrip("/")):]
-                   if is_remote(cfg.out) else target)
-            transfers.write_bytes_atomic(uri, buf.getvalue(), opts)
+            transfers.write_bytes_atomic(f"s3://{target}" if is_remote(cfg.out) else target, buf.getvalue(), opts)
             dt = time.perf_counter() - t0
             log(f"{split}/{posixpath.basename(target)}: {table.num_rows} rows written ({dt:.1f} s into the split)")
         atomic.replace_dir(progress, final, fs_out)
@@ -153,6 +150,11 @@ def run(cfg: EmbedConfig, log: Callable[[str], None] = print) -> dict[str, str]:
 def _read(fs, path: str):
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
+
+
+def _num_rows(fs, path: str) -> int:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _split_done(root: str, split: str, fs, rows: int) -> bool:
@@ -197,6 +199,6 @@ def _copy_tokenizer(cfg: EmbedConfig) -> None:
     from cfgd.data.tokenizer import TOKENIZER_FILE
 
     src = f"{cfg.data_root.rstrip('/')}/{TOKENIZER_FILE}"
-    if fsspec_fs(cfg.data_root, cfg.storage).exists(src.split("://", 1)[-1] if is_remote(src) else src):
+    if fsspec_fs(cfg.data_root, cfg.storage).exists(strip_scheme(src)):
         transfers.write_bytes_atomic(f"{cfg.out.rstrip('/')}/{TOKENIZER_FILE}",
                                      transfers.read_bytes(src, cfg.storage), cfg.storage)

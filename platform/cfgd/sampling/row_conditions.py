@@ -11,11 +11,11 @@ a 4xx or a config error.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import torch
 
+from cfgd.data import tokenizer as tokenizers
 from cfgd.data.tokenizer import CaptionTokenizer
 from cfgd.diffusion import conditions as cond_ops
 from cfgd.diffusion.conditions import Cond
@@ -36,14 +36,9 @@ def as_condition(row: Any) -> Condition:
     return Condition.model_validate(row)
 
 
-@functools.lru_cache(maxsize=16)
-def _tokenizer(text: str) -> CaptionTokenizer:
-    return CaptionTokenizer.from_json(text)
-
-
 def tokenizer_of(ck: Checkpoint) -> CaptionTokenizer:
     """The text model's caption tokenizer, from its checkpoint (parsed once per tokenizer)."""
-    return _tokenizer(ck.tokenizer_json)
+    return tokenizers.cached(ck.tokenizer_json)
 
 
 def check_kind(ck: Checkpoint, rows: Sequence[Condition]) -> None:
@@ -67,8 +62,8 @@ def encode_rows(ck: Checkpoint, model: torch.nn.Module, rows: Sequence[Condition
                 device: torch.device) -> tuple[Cond, Cond]:
     """(y, ε_u's condition) of every row, on ``device``: class ids and null labels, or the
     model's encoded conditions (cfgd.model.conditioning) of the prompts and negative
-    prompts (∅ for none) or of the embeddings (the learned null for ε_u and rows without one)."""
-    check_kind(ck, rows)
+    prompts (∅ for none) or of the embeddings (the learned null for ε_u and rows without one).
+    ``rows`` have passed :func:`check_kind` (CheckpointSampler.sample checks them all first)."""
     spec, B = ck.spec, len(rows)
     if spec.condition == "label":
         y = torch.tensor([r.label for r in rows], dtype=torch.long, device=device)

@@ -25,7 +25,7 @@ class RowPadded(torch.nn.Module):
         self.multiple = multiple
 
     def _pad_rows(self, y, pad: int):
-        return cond_ops.cat([y, cond_ops.take(y, torch.zeros(pad, dtype=torch.long, device=t_device(y)))])
+        return cond_ops.cat([y, cond_ops.take(y, torch.zeros(pad, dtype=torch.long, device=_device(y)))])
 
     def encode(self, y) -> dict:
         B = cond_ops.rows(y)
@@ -46,5 +46,6 @@ class RowPadded(torch.nn.Module):
         return self.net(x, t, self._pad_rows(y, pad))[:B]
 
 
-def t_device(y) -> torch.device:
+def _device(y) -> torch.device:
+    """The device of a condition (a tensor or a mapping of tensors)."""
     return y.device if isinstance(y, torch.Tensor) else next(iter(y.values())).device

@@ -159,9 +159,9 @@ def model_spec(cfg: cfglib.Config, data: dict) -> ModelSpec:
     """The network's spec from the config and the data set's description (``loop_config["data"]``)."""
     extra = {}
     if cfg.model.condition == "text":
-        from cfgd.data.tokenizer import CaptionTokenizer
+        from cfgd.data import tokenizer as tokenizers
 
-        tok = CaptionTokenizer.from_json(data["tokenizer"])
+        tok = tokenizers.cached(data["tokenizer"])
         extra = {"vocab_size": tok.vocab_size, "max_tokens": tok.max_tokens}
     elif cfg.model.condition == "embedding":
         extra = {"embedding_tokens": data["embedding_shape"][0], "embedding_dim": data["embedding_shape"][1]}
