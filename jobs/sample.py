@@ -5,6 +5,9 @@
 
 A text-conditioned checkpoint takes prompts instead of classes, and optionally a
 negative prompt: 'sample.prompts=[a dark dress,a light bag]' sample.negative_prompt=dark
+An embedding-conditioned one takes rows of a data set with an embedding column (image
+variations): sample.embeddings=outputs/data/fashion_mnist_embedded 'sample.embedding_rows=[0,1,2]'
+
 
 sample.checkpoint is a checkpoint directory or a run directory (its newest
 valid checkpoint is used). sample.solver, sample.rule and the rule's parameters choose
@@ -14,10 +17,12 @@ how (README: "Guidance rules and solvers"). Writes grid.png and samples.npz.
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cfgd.cli import fail, job, refuse
 from cfgd.config import ConfigError, SampleConfig, config_plan
 from cfgd.data.images import to_uint8
+from cfgd.data.split_loader import read_rows
 from cfgd.diffusion.plan import Condition, Guidance, SamplingPlan, Solver
 from cfgd.io.storage import StorageOptions, is_remote
 from cfgd.sampling.checkpoint_sampler import CheckpointSampler
@@ -26,16 +31,19 @@ from cfgd.sampling.tiles import labelled_grid, zoom_for
 
 def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], device: str = "cpu",
                 storage: StorageOptions | None = None) -> dict[str, str]:
-    """Run ``jobs/sample.py``: a grid of rows = classes, columns = guidance (w values).
+    """Run ``jobs/sample.py``: a grid of rows = classes (prompts, or embedded data rows),
+    columns = guidance (w values).
 
     ``solver`` and ``columns`` come from :func:`cfgd.config.config_plan`. Sample j of
-    class c uses seed ``sc.seed + c·per_cell + j`` in every column, so the columns differ
-    only by guidance. Writes ``grid.png`` (class names left of the rows, ``w = …`` above
-    the columns, images magnified to >= 84 px) and ``samples.npz`` (images uint8 NHWC,
-    labels, w, guidance_scale, seeds) and returns their paths.
+    row key c (the class; the prompt's or data row's position) uses seed ``sc.seed +
+    c·per_cell + j`` in every column, so the columns differ only by guidance. Writes
+    ``grid.png`` (row names left of the rows, ``w = …`` above the columns, images
+    magnified to >= 84 px) and ``samples.npz`` (images uint8 NHWC, labels (row keys), w,
+    guidance_scale, seeds; a text model's prompts per sample; an embedding model's
+    embedding_rows and their images, sources) and returns their paths.
     """
     gen = CheckpointSampler.load(sc.checkpoint, use_ema=sc.use_ema, device=device, storage=storage)
-    grid_rows, names = grid_conditions(sc, gen)
+    grid_rows, names, extra = grid_conditions(sc, gen, storage)
     labels, rows, seeds, conditions = [], [], [], []
     for r, (key, cond) in enumerate(grid_rows):
         for g in columns:
@@ -47,7 +55,9 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
     plan = SamplingPlan(solver=solver, rows=tuple(rows))
     ws = [g.w for g in columns]
     rule = columns[0].rule
-    what = f"classes {[k for k, _ in grid_rows]}" if not sc.prompts else f"{len(sc.prompts)} prompt(s)"
+    what = {"label": f"classes {[k for k, _ in grid_rows]}", "text": f"{len(grid_rows)} prompt(s)",
+            "embedding": f"{len(grid_rows)} embedding(s) of {sc.embeddings}/{sc.embedding_split}"}[
+        gen.checkpoint.spec.condition]
     print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
           f"{len(labels)} samples: {what} × w {ws} × {sc.per_cell}, rule {rule}, "
           f"{solver.steps} {solver.name} steps, eta {solver.eta}"
@@ -65,34 +75,63 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
     labelled_grid(u8, names, len(ws), col_labels=[f"w = {w:g}" for w in ws],
                   per_cell=sc.per_cell, zoom=zoom_for(gen.shape[1])).save(grid_path)
     w_arr = np.asarray([g.w for g in rows], dtype=np.float64)
-    extra = ({"prompts": np.asarray([c.prompt for c in conditions]),
-              "negative_prompt": np.asarray(sc.negative_prompt)} if sc.prompts else {})
+    if gen.checkpoint.spec.condition == "text":  # per sample, like labels, w and seeds
+        extra["prompts"] = np.asarray([c.prompt for c in conditions])
     np.savez_compressed(npz_path, images=u8, labels=np.asarray(labels, dtype=np.int64), w=w_arr,
                         guidance_scale=1 + w_arr, seeds=np.asarray(seeds, dtype=np.int64),
                         label_names=np.asarray(gen.checkpoint.label_names), **extra)
     return {"grid": str(grid_path), "samples": str(npz_path)}
 
 
-def grid_conditions(sc: SampleConfig, gen: CheckpointSampler) -> tuple[list[tuple[int, object]], list[str]]:
-    """The grid's rows: (key, condition) and row names. A label model's rows are classes (key =
-    class, as ``labels`` in samples.npz), a text model's the prompts (key = prompt index)."""
+def grid_conditions(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOptions | None = None
+                    ) -> tuple[list[tuple[int, object]], list[str], dict]:
+    """The grid's rows: (key, condition), row names, and what samples.npz adds about them. A
+    label model's rows are classes (key = class, as ``labels`` in samples.npz), a text model's
+    the prompts and an embedding model's the embeddings of chosen data rows (key = row index)."""
     kind = gen.checkpoint.spec.condition
+    given = {"classes": sc.classes, "prompts": sc.prompts, "negative_prompt": sc.negative_prompt,
+             "embeddings": sc.embeddings, "embedding_rows": sc.embedding_rows}
+    own = {"label": ("classes",), "text": ("prompts", "negative_prompt"), "embedding": ("embeddings",
+                                                                                        "embedding_rows")}[kind]
+    if kind == "text" and not sc.prompts:
+        raise ValueError("sample.prompts is required: this checkpoint is conditioned on text "
+                         "(e.g. 'sample.prompts=[a dark dress,a light bag]')")
+    if kind == "embedding" and not sc.embeddings:
+        raise ValueError("sample.embeddings is required: this checkpoint is conditioned on embeddings; give the "
+                         "shards that hold them (jobs/embed.py's out, e.g. outputs/data/fashion_mnist_embedded)")
+    for key, value in given.items():
+        if value and key not in own:
+            raise ValueError(f"sample.{key}: this checkpoint is conditioned on {kind} (give sample.{own[0]})")
     if kind == "text":
-        if not sc.prompts:
-            raise ValueError("sample.prompts is required: this checkpoint is conditioned on text "
-                             "(e.g. 'sample.prompts=[a dark dress,a light bag]')")
-        if sc.classes:
-            raise ValueError("sample.classes: this checkpoint is conditioned on text; give sample.prompts")
         neg = sc.negative_prompt or None
-        return [(i, Condition(prompt=p, negative_prompt=neg)) for i, p in enumerate(sc.prompts)], list(sc.prompts)
-    if sc.prompts or sc.negative_prompt:
-        raise ValueError(f"sample.{'prompts' if sc.prompts else 'negative_prompt'}: this checkpoint is "
-                         f"conditioned on {kind}, not text (give sample.classes)")
-    if kind != "label":
-        raise ValueError(f"jobs/sample.py samples label and text models; this checkpoint is conditioned on {kind}")
+        rows = [(i, Condition(prompt=p, negative_prompt=neg)) for i, p in enumerate(sc.prompts)]
+        return rows, list(sc.prompts), {"negative_prompt": np.asarray(sc.negative_prompt)}
+    if kind == "embedding":
+        return embedding_rows(sc, gen, storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
     names = gen.checkpoint.label_names
-    return [(c, c) for c in classes], [names[c] for c in classes]
+    return [(c, c) for c in classes], [names[c] for c in classes], {}
+
+
+def embedding_rows(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOptions | None
+                   ) -> tuple[list[tuple[int, object]], list[str], dict]:
+    """An embedding model's grid rows: the embeddings of rows ``sc.embedding_rows`` of
+    ``sc.embeddings``/``sc.embedding_split`` (their images go to samples.npz as ``sources``)."""
+    picked = list(sc.embedding_rows) or list(range(8))
+    try:
+        data = read_rows(sc.embeddings, sc.embedding_split, picked, storage)
+    except (IndexError, FileNotFoundError) as err:
+        raise ValueError(f"sample.embedding_rows / sample.embeddings: {err}") from None
+    spec = gen.checkpoint.spec
+    want = (spec.embedding_tokens, spec.embedding_dim)
+    if "embedding" not in data or tuple(data["embedding"].shape[1:]) != want:
+        got = tuple(data["embedding"].shape[1:]) if "embedding" in data else "no embedding column"
+        raise ValueError(f"sample.embeddings={sc.embeddings!r}: the checkpoint takes embeddings of (tokens, dim) "
+                         f"= {want}; {sc.embedding_split} has {got}")
+    names = gen.checkpoint.label_names
+    rows = [(i, Condition(embedding=tuple(e.reshape(-1).tolist()))) for i, e in enumerate(data["embedding"])]
+    row_names = [f"{sc.embedding_split}[{r}] {names[c]}" for r, c in zip(picked, data["label"])]
+    return rows, row_names, {"embedding_rows": np.asarray(picked), "sources": to_uint8(torch.from_numpy(data["image"]))}
 
 
 if __name__ == "__main__":

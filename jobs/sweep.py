@@ -7,7 +7,9 @@ parameters, guidance interval, checkpoints).
 
 Keys are top level (see cfgd.sweep.sweep_grid.SweepConfig); ``checkpoint``, ``solver``,
 ``steps``, ``eta``, ``interval``, ``rule`` and each rule parameter accept a list to add
-a grid dimension, e.g. 'steps=[10,25]' 'interval=[null,[1,600]]' 'rule=[cfg,apg]'. Object storage under ``storage.``. Rerunning with the
+a grid dimension, e.g. 'steps=[10,25]' 'interval=[null,[1,600]]' 'rule=[cfg,apg]'. A text
+checkpoint takes prompt templates, "{class}" standing for sample i's class word (class i mod C):
+'prompt=["a {class}","a dark {class}"]' 'negative_prompt=[null,"a light {class}"]'. Object storage under ``storage.``. Rerunning with the
 same ``out`` skips the grid points already done. Writes table.parquet/.csv,
 plot.png, grid.png and per-point results under ``out``.
 """
@@ -30,6 +32,8 @@ if __name__ == "__main__":
         fail(err)
     cols = ["solver", "steps", "rule", "params", "w", "rows_per_image", "fid", "fid_std", "inception_score",
             "accuracy", "precision", "recall", "n_samples", "seconds", "samples_per_s"]
+    if cfg.prompt is not None:
+        cols[3:3] = ["prompt", "negative_prompt"]
     if cfg.inception_weights:
         cols.insert(cols.index("fid_std") + 1, "fid_inception")
     print("\t".join(["kind"] + cols))

@@ -43,6 +43,7 @@ def test_defaults_are_safe_on_a_two_core_machine():
     (["model.size=huge"], "model.size='huge'.*tiny"),
     (["diffusion.p_uncond=1.5"], "diffusion.p_uncond"),
     (["train.steps"], "key=value"),
+    (["sample.prompts=[a {b},c]"], r"override 'sample.prompts=\[a \{b\},c\]'.*not valid YAML.*quote"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

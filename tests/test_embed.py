@@ -1,7 +1,7 @@
 """jobs/embed.py on a real local Ray: every row of the digits shards gets the encoder's
 vector in its own row, a job killed mid-split resumes per shard without losing or
 repeating rows, a half-done split is never readable as a data set, and training on the
-result runs (model.condition=embedding)."""
+result runs (model.condition=embedding) and samples variations of chosen rows (jobs/sample.py)."""
 
 import os
 import signal
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from cfgd.data.images import to_uint8
 from cfgd.data.shards import read_split_meta
 from cfgd.data.split_loader import load_split
 from cfgd.embed.encoders import RandomProjection
@@ -76,6 +77,26 @@ def test_embed_job_writes_every_row_resumes_after_a_kill_and_trains(ray_local, t
     assert train.returncode == 0, (train.stdout + train.stderr)[-3000:]
     spec = load_checkpoint(find_checkpoints(runs / "emb")[-1][1]).spec
     assert (spec.condition, spec.embedding_tokens, spec.embedding_dim) == ("embedding", 2, 8)
+
+    # jobs/sample.py: a grid of variations of chosen rows, conditioned on their embeddings.
+    def sample(*keys):
+        return subprocess.run(_cmd("sample.py", f"sample.checkpoint={runs / 'emb'}", "sample.steps=2",
+                                   "sample.per_cell=1", "sample.embedding_split=test", *keys),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    done = sample(f"sample.embeddings={out}", "sample.embedding_rows=[5,0]", f"sample.out={tmp_path / 's'}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    npz = np.load(tmp_path / "s" / "samples.npz")
+    test_images, _, _ = load_split(str(out), "test")
+    assert list(npz["embedding_rows"]) == [5, 0] and npz["images"].shape == (2 * 3, 8, 8, 1)  # 2 rows × 3 w
+    assert (npz["sources"] == to_uint8(test_images[[5, 0]])).all()
+    no_column = sample(f"sample.embeddings={data}")
+    assert no_column.returncode != 0 and "sample.embeddings" in no_column.stderr and "no embedding column" in \
+        no_column.stderr
+    past_end = sample(f"sample.embeddings={out}", "sample.embedding_rows=[100]")
+    assert past_end.returncode != 0 and "rows [100]" in past_end.stderr
+    wrong_kind = sample("sample.prompts=[a 3]")
+    assert wrong_kind.returncode != 0 and "sample.prompts" in wrong_kind.stderr
 
 
 def test_embed_job_refuses_a_bad_encoder_naming_it(tmp_path):

@@ -774,6 +774,34 @@ def test_prompts_over_http_sample_and_bad_conditions_are_422_naming_the_field(se
         assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
 
 
+def test_bulk_jobs_take_prompts_for_a_text_checkpoint(server, s3):
+    opts = s3.storage_options()
+    body = {"checkpoint": "text", "destination": "text1", "prompts": ["a dark 3", "a 5"], "negative_prompt": "light",
+            "counts": [2, 1], "w": [0.0, 2.0], "seed": 50, "steps": 3}
+    r = _post(server, "/bulk", body)
+    assert r.status_code == 202, r.text
+    assert _wait_job(server, r.json()["job_id"])["state"] == "done"
+    dest = "s3://cfgd-test/bulk/text1"
+    rows = pq.read_table(storage.arrow_path(dest), filesystem=storage.arrow_fs(dest, opts)).to_pylist()
+    assert sorted((x["prompt"], x["w"]) for x in rows) == sorted(
+        [("a dark 3", 0.0)] * 2 + [("a dark 3", 2.0)] * 2 + [("a 5", 0.0), ("a 5", 2.0)])
+    assert {x["negative_prompt"] for x in rows} == {"light"} and "label" not in rows[0]
+    # A bulk row is the /generate image of the same prompt, negative prompt, w and seed.
+    row = next(x for x in rows if x["prompt"] == "a 5" and x["w"] == 2.0)
+    solo = _post(server, "/generate", {"checkpoint": "text", "prompt": "a 5", "negative_prompt": "light", "w": 2.0,
+                                       "seed": row["seed"], "steps": 3})
+    assert _images(solo)[0] == row["image"]
+    bad = [({**body, "prompts": ["a 3", "x " * 20]}, "prompts[1]", "at most 8"),
+           ({**body, "prompts": None}, "prompts", "give prompts"),
+           ({**body, "classes": [1]}, "classes", "conditioned on text"),
+           ({**body, "counts": [1, 2, 3]}, "counts", "3 values for 2 prompts"),
+           ({"destination": "text2", "prompts": ["a 3"], "steps": 2}, "prompts", "conditioned on label"),
+           ({"destination": "text2", "negative_prompt": "dark", "steps": 2}, "negative_prompt", "conditioned on label")]
+    for req, field, words in bad:
+        r = _post(server, "/bulk", req)
+        assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
+
+
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
     """schemathesis (bounded) against the running app: every response < 500, and it still serves."""
     exe = Path(sys.executable).with_name("schemathesis")

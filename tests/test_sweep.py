@@ -128,3 +128,41 @@ def test_sweep_job_parses_top_level_keys_and_rejects_unknown_ones(capsys):
     with pytest.raises(SystemExit) as exc:
         job_parse(["checkpoint=ck", "evaluator=ev", "samples=3"])
     assert exc.value.code == 2 and "samples" in capsys.readouterr().err
+
+
+def test_a_text_checkpoint_sweeps_prompt_templates_and_negative_prompts(ray_local, setup, tmp_path):
+    from cfgd.diffusion.plan import Condition
+    from builders import tiny_text_checkpoint
+
+    text = tiny_text_checkpoint(tmp_path / "text" / "checkpoint_a")
+    cfg = SweepConfig(checkpoint=str(tmp_path / "text"), evaluator=evaluator_path(setup), out=str(tmp_path / "s"),
+                      data_root=str(setup["root"] / "digits"), w=[0.0, 2.0], prompt="a {class}",
+                      negative_prompt=[None, "a dark {class}"], samples_per_w=10, steps=3, seed=1, chunk_size=8,
+                      num_workers=2, cpus_per_worker=0.5, grid_columns=5, progress=False)
+    result = run_sweep(cfg, log=lambda _: None)
+    gen = [r for r in result.rows if r["kind"] == "generated"]
+    assert [(r["w"], r["negative_prompt"]) for r in gen] == [(0.0, None), (2.0, None), (0.0, "a dark {class}"),
+                                                             (2.0, "a dark {class}")]
+    assert {r["prompt"] for r in gen} == {"a {class}"} and len({r["point_id"] for r in gen}) == 4
+    assert len(list((tmp_path / "s" / "grids").glob("*_p-a-class*.png"))) == 2
+    samples = [_samples(tmp_path / "s", r["point_id"]) for r in gen]
+    assert samples[0].column("prompt").to_pylist() == [f"a {i % 10}" for i in range(10)]
+    images = [[decode_png(b.as_py()) for b in t.column("image")] for t in samples]
+    # w = 0 never evaluates ε_u, so the negative prompt changes nothing; at w = 2 it does.
+    assert all((a == b).all() for a, b in zip(images[0], images[2]))
+    assert any((a != b).any() for a, b in zip(images[1], images[3]))
+    # A stored sample (a mixed chunk on a Ray actor) is the same image sampled alone.
+    alone = CheckpointSampler.load(text).sample([Condition(prompt="a 4", negative_prompt="a dark 4")], [5],
+                                               SamplingPlan(solver=Solver(steps=3), rows=(Guidance(w=2.0),)))
+    assert np.abs(to_uint8(alone)[0].astype(int) - images[3][4].astype(int)).max() <= 1
+
+    # Conditions that do not fit the checkpoint are refused before anything is sampled.
+    for bad, match in [(dict(prompt=None, negative_prompt=None), "prompt is required"),
+                       (dict(prompt="a {class} " + "big " * 10), "prompt=.*tokens"),
+                       (dict(checkpoint=str(setup["root"] / "run")), "prompt: checkpoint .* class labels")]:
+        with pytest.raises(ConfigError, match=match):
+            run_sweep(SweepConfig(**{**cfg.__dict__, **bad}), log=lambda _: None)
+    for bad, match in [(dict(prompt="a dress"), "no '{class}'"), (dict(negative_prompt="dark"), "needs prompt"),
+                       (dict(prompt=["a {class}", 3]), "prompt=3")]:
+        with pytest.raises(ConfigError, match=match):
+            sweep_axes(SweepConfig(**{"checkpoint": "a", "evaluator": "e", **bad}))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -136,6 +137,11 @@ class SampleJob:
     classes: list[int] = field(default_factory=list)  # [] = every class (a label model)
     prompts: list[str] = field(default_factory=list)  # a text model: one grid row per prompt
     negative_prompt: str = ""  # a text model: what ε_u is evaluated with in place of ∅ ("" = ∅)
+    # An embedding model: shards with an embedding column (jobs/embed.py's out; path or s3://),
+    # and which rows of which split condition the grid's rows ([] = the first 8).
+    embeddings: str = ""
+    embedding_split: str = "test"
+    embedding_rows: list[int] = field(default_factory=list)
     # The grid's guidance strengths, one column group each (paper form); neither this nor
     # guidance_scale: [0, 1, 3] (DEFAULT_GRID_W).
     w: Optional[list[float]] = None
@@ -279,9 +285,17 @@ def load_structured(schema: type, path: str | Path | None = None, overrides: Seq
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        if overrides:
-            layers.append(OmegaConf.create(renamed(OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))))
+        for o in overrides:
+            try:
+                dotted = OmegaConf.from_dotlist([o])
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {o!r}: its value is not valid YAML ({getattr(err, 'problem', err)}); "
+                                  "quote a string that holds , [ ] { } or : — e.g. "
+                                  "'prompt=[\"a {class}\",\"a dark {class}\"]'") from None
+            layers.append(OmegaConf.create(renamed(OmegaConf.to_container(dotted))))
         return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         raise ConfigError(f"bad config key {key!r}: {getattr(err, 'msg', err)}") from None

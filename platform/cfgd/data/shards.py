@@ -316,7 +316,7 @@ def validate_labels(
     fs = local_or(filesystem)
     for path in meta.files:
         with fs.open(path, "rb") as f:
-            column = pq.read_table(f, columns=["label"]).column("label")
+            column = pq.ParquetFile(f).read(columns=["label"]).column("label")
         if column.null_count:
             raise ValueError(f"{path}: {column.null_count} null labels in {root}/{split}; "
                              "every row needs a label")
@@ -341,7 +341,7 @@ def read_captions(root: str, split: str, storage: StorageOptions | None = None) 
     out: list[str] = []
     for path in meta.files:
         with fs.open(path, "rb") as f:
-            out.extend(pq.read_table(f, columns=["caption"]).column("caption").to_pylist())
+            out.extend(pq.ParquetFile(f).read(columns=["caption"]).column("caption").to_pylist())
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cfgd.data import tokenizer as tokenizers
-from cfgd.data.embedding_column import embedding_array
+from cfgd.data.embedding_column import EMBEDDING, embedding_array
 from cfgd.data.images import decode_png, uint8_to_unit
 from cfgd.data.shards import DatasetMeta, read_split_meta
 from cfgd.io.storage import StorageOptions, fsspec_fs
@@ -83,7 +83,7 @@ def load_split(root: str, split: str, storage_options: StorageOptions | None = N
     images, labels, n = [], [], 0
     for path in meta.files:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["image", "label"])
+            table = pq.ParquetFile(f).read(columns=["image", "label"])
         if limit:
             table = table.slice(0, limit - n)
         batch = {"image": np.asarray(table.column("image").to_pylist(), dtype=object),
@@ -95,3 +95,36 @@ def load_split(root: str, split: str, storage_options: StorageOptions | None = N
         if limit and n >= limit:
             break
     return torch.from_numpy(np.concatenate(images)), np.concatenate(labels), meta
+
+
+def read_rows(root: str, split: str, rows: list[int], storage_options: StorageOptions | None = None) -> dict:
+    """Rows ``rows`` (indices into the split, in shard order) read in-process with pyarrow;
+    only the shards holding them are read. IndexError naming a row past the end.
+
+    Returns {"image": float32 (n, C, H, W) in [-1, 1], "label": int64 (n,), "meta": DatasetMeta},
+    plus "embedding": float32 (n, L, D) when the split has that column.
+    """
+    fs = fsspec_fs(root, storage_options)
+    meta = read_split_meta(root, split, filesystem=fs)
+    bad = [r for r in rows if not 0 <= r < meta.num_rows]
+    if bad:
+        raise IndexError(f"rows {bad} are outside {root}/{split}'s [0, {meta.num_rows})")
+    shape = meta.conditions.get(EMBEDDING, {}).get("shape")
+    columns = ["image", "label"] + ([EMBEDDING] if shape else [])
+    found: dict[int, dict] = {}
+    start = 0
+    for path in meta.files:
+        with fs.open(path, "rb") as f:
+            n = pq.ParquetFile(f).metadata.num_rows
+        local = [r - start for r in rows if start <= r < start + n]
+        if local:
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read(columns=columns).take(local)
+            batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in columns}
+            out = decode_batch(batch, meta.height, meta.width, meta.channels,
+                               embedding_shape=tuple(shape) if shape else None)
+            for i, r in enumerate(r + start for r in local):
+                found[r] = {k: v[i] for k, v in out.items()}
+        start += n
+    picked = {k: np.stack([found[r][k] for r in rows]) for k in found[rows[0]]} if rows else {}
+    return {**picked, "meta": meta}

@@ -149,7 +149,7 @@ def run(cfg: EmbedConfig, log: Callable[[str], None] = print) -> dict[str, str]:
 
 def _read(fs, path: str):
     with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+        return pq.ParquetFile(f).read()
 
 
 def _num_rows(fs, path: str) -> int:

@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Callable, Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
@@ -215,7 +216,7 @@ def sweep_fid_inception(inception: InceptionFID, files: SweepFiles, point_ids: l
                 n = json.loads(files.read(f"points/{floor_id}.json"))["n_samples"]
                 images = real_x[torch.from_numpy(held_out[:n])]
             else:
-                table = pq.read_table(io.BytesIO(files.read(f"points/{pid}.samples.parquet")), columns=["image"])
+                table = pq.read_table(pa.BufferReader(files.read(f"points/{pid}.samples.parquet")), columns=["image"])
                 images = np.stack([decode_png(b) for b in table.column("image").to_pylist()])
             record = {"fid_inception": frechet_distance(*inception.stats(images), *ref), "n_samples": len(images),
                       "weights_sha256": inception.sha256}

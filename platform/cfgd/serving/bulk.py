@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cfgd.data.images import encode_png, to_uint8
-from cfgd.diffusion.plan import Guidance, SamplingPlan, Solver
+from cfgd.diffusion.plan import Condition, Guidance, SamplingPlan, Solver
 from cfgd.io import retry, storage, transfers
 from cfgd.io.retry import StorageError
 from cfgd.io.storage import StorageOptions
@@ -99,8 +99,9 @@ def job_id_for(destination: str) -> str:
 
 @dataclass
 class BulkPlan:
-    """A bulk job, fully determined: row i has seed ``seed + i``, rows ordered by class,
-    then w, then sample; shard k holds rows [k·shard_size, (k+1)·shard_size)."""
+    """A bulk job, fully determined: row i has seed ``seed + i``, rows ordered by cell (a
+    class, or a prompt of a text checkpoint), then w, then sample; shard k holds rows
+    [k·shard_size, (k+1)·shard_size)."""
 
     destination: str
     checkpoint: str
@@ -116,6 +117,8 @@ class BulkPlan:
     png_files: bool
     shard_size: int
     pad_rows: int
+    prompts: list[str] | None = None  # a text checkpoint's cells, in place of classes (which index them)
+    negative_prompt: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "BulkPlan":
@@ -144,8 +147,14 @@ class BulkPlan:
     def total_shards(self) -> int:
         return math.ceil(self.total_images / self.shard_size)
 
+    def condition(self, cell: int) -> int | Condition:
+        """A cell's condition: its class id, or its prompt (with the job's negative prompt)."""
+        if self.prompts is None:
+            return cell
+        return Condition(prompt=self.prompts[cell], negative_prompt=self.negative_prompt)
+
     def shard_rows(self, shard: int) -> list[tuple[int, int, int, int]]:
-        """(row index, label, guidance index, seed) of one shard."""
+        """(row index, cell, guidance index, seed) of one shard."""
         lo, hi = shard * self.shard_size, min(self.total_images, (shard + 1) * self.shard_size)
         rows, i = [], 0
         for c, n in zip(self.classes, self.counts):
@@ -201,18 +210,24 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
     idx, labels, ks, seeds = (list(v) for v in zip(*rows))
     solver, guidance = plan.sampling()
     guides = {name: cached(uri) for name, uri in plan.guide_uris.items()}
-    images = gen.sample(labels, seeds, SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)),
-                        guides=guides, batch_size=len(rows))
+    images = gen.sample([plan.condition(c) for c in labels], seeds,
+                        SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)), guides=guides,
+                        batch_size=len(rows))
     ws = [guidance[k].w for k in ks]
     pngs = [encode_png(img) for img in to_uint8(images)]
     if plan.png_files:
         for i, png in zip(idx, pngs):
             transfers.write_bytes_atomic(f"{plan.destination}/{PNG_DIR}/{i:08d}.png", png, opts)
     w_arr = np.asarray(ws, dtype=np.float64)
+    if plan.prompts is None:
+        cells = {"label": pa.array(labels, type=pa.int64()),
+                 "class_name": pa.array([plan.label_names[c] for c in labels], type=pa.string())}
+    else:
+        cells = {"prompt": pa.array([plan.prompts[c] for c in labels], type=pa.string()),
+                 "negative_prompt": pa.array([plan.negative_prompt] * len(rows), type=pa.string())}
     table = pa.table({
         "image": pa.array(pngs, type=pa.binary()),
-        "label": pa.array(labels, type=pa.int64()),
-        "class_name": pa.array([plan.label_names[c] for c in labels], type=pa.string()),
+        **cells,
         "w": pa.array(w_arr),
         "guidance_scale": pa.array(1.0 + w_arr),
         "seed": pa.array(seeds, type=pa.int64()),
@@ -273,6 +288,11 @@ def prepare_destination(plan: BulkPlan, output_prefix: str, opts: StorageOptions
                                                "destination or remove it") from None
     if old is None and not transfers.create_exclusive(uri, json.dumps(plan.manifest(), indent=2).encode(), opts):
         old = json.loads(transfers.read_bytes(uri, opts))  # another server created it first
+    if old is not None:  # read through BulkPlan: a manifest from before a field existed has its default
+        try:
+            old = {**old, "plan": BulkPlan.from_dict(old["plan"]).to_dict()}
+        except (KeyError, TypeError):
+            pass
     if old is not None and old.get("plan") != plan.to_dict():
         changed = sorted(k for k, v in plan.to_dict().items() if old.get("plan", {}).get(k) != v)
         raise RequestError(409, "destination", f"{plan.destination} already holds a different bulk job "

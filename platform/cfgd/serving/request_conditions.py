@@ -58,23 +58,25 @@ def request_condition(req, gen: CheckpointSampler, s: ServeSettings, resolve_cla
     if kind == "text":
         if req.prompt is None:
             raise RequestError(422, "prompt", "this checkpoint is conditioned on text: give prompt (\"\" for ∅)")
-        unknown = 0
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(req, name)
-            if text is None:
-                continue
-            if len(text) > s.max_prompt_chars:
-                raise RequestError(422, name, f"{name} has {len(text)} characters; the limit is {s.max_prompt_chars}")
-            try:
-                unknown += int(tokenizer_of(gen.checkpoint).encode([text], name).unknown[0])
-            except ValueError as err:
-                raise RequestError(422, name, str(err).replace(f"{name}[0]", name)) from None
+        unknown = sum(check_prompt(gen, s, name, getattr(req, name)) for name in ("prompt", "negative_prompt")
+                      if getattr(req, name) is not None)
         return RequestCondition(Condition(prompt=req.prompt, negative_prompt=req.negative_prompt), unknown_words=unknown)
     if req.embedding is None:
         raise RequestError(422, "embedding", f"this checkpoint is conditioned on embeddings: give embedding "
                                              f"({spec.embedding_tokens}×{spec.embedding_dim} float32 values)")
     values = decode_embedding(req.embedding, spec.embedding_tokens * spec.embedding_dim, s.max_embedding_values)
     return RequestCondition(Condition(embedding=values))
+
+
+def check_prompt(gen: CheckpointSampler, s: ServeSettings, name: str, text: str) -> int:
+    """Words of ``text`` the checkpoint's tokenizer does not know; RequestError (422) naming
+    ``name`` for a prompt over the server's character limit or the model's token limit."""
+    if len(text) > s.max_prompt_chars:
+        raise RequestError(422, name, f"{name} has {len(text)} characters; the limit is {s.max_prompt_chars}")
+    try:
+        return int(tokenizer_of(gen.checkpoint).encode([text], name).unknown[0])
+    except ValueError as err:
+        raise RequestError(422, name, str(err).replace(f"{name}[0]", name)) from None
 
 
 def decode_embedding(value, expected: int, limit: int) -> tuple[float, ...]:

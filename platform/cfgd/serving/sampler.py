@@ -15,7 +15,7 @@ from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.checkpoint_cache import ModelCache
-from cfgd.serving.request_conditions import request_condition
+from cfgd.serving.request_conditions import check_prompt, request_condition
 from cfgd.serving.schemas import MAX_SEED, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
@@ -35,6 +35,46 @@ def _resolve_class(label: int | None, name: str | None, label_names: list[str], 
     if not 0 <= label < k:
         raise RequestError(422, field_label, f"{field_label} {label} is outside [0, {k})")
     return label
+
+
+def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings) -> tuple[list[int], list[str] | None]:
+    """A bulk job's cells: (class ids, None) for a label checkpoint, (prompt indices, prompts)
+    for a text one; RequestError (422) naming the field."""
+    kind, names = gen.checkpoint.spec.condition, gen.checkpoint.label_names
+    given = [f for f in ("classes", "class_names", "prompts", "negative_prompt") if getattr(req, f) is not None]
+    allowed = {"label": ("classes", "class_names"), "text": ("prompts", "negative_prompt")}.get(kind)
+    if allowed is None:
+        raise RequestError(422, "checkpoint", f"bulk jobs take label and text checkpoints; this one is "
+                                              f"conditioned on {kind}")
+    for f in given:
+        if f not in allowed:
+            raise RequestError(422, f, f"this checkpoint is conditioned on {kind}: give {' or '.join(allowed)}, "
+                                       f"not {f}")
+    if kind == "text":
+        if not req.prompts:
+            raise RequestError(422, "prompts", "this checkpoint is conditioned on text: give prompts (a list)")
+        for i, text in enumerate(req.prompts):
+            check_prompt(gen, s, f"prompts[{i}]", text)
+        if req.negative_prompt is not None:
+            check_prompt(gen, s, "negative_prompt", req.negative_prompt)
+        return list(range(len(req.prompts))), list(req.prompts)
+    if req.classes is not None and req.class_names is not None:
+        raise RequestError(422, "classes", "give classes or class_names, not both")
+    if req.class_names is not None:
+        bad = [n for n in req.class_names if n not in names]
+        if bad:
+            raise RequestError(422, "class_names", f"unknown class_names {bad}; choose from {names}")
+        classes = [names.index(n) for n in req.class_names]
+    else:
+        classes = list(range(len(names))) if req.classes is None else list(req.classes)
+        bad = [c for c in classes if not 0 <= c < len(names)]
+        if bad:
+            raise RequestError(422, "classes", f"classes {bad} are outside [0, {len(names)})")
+    if not classes:
+        raise RequestError(422, "classes", "classes is empty")
+    if len(set(classes)) != len(classes):
+        raise RequestError(422, "classes", f"classes {classes} has duplicates")
+    return classes, None
 
 
 def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None,
@@ -232,25 +272,11 @@ class SamplerCore:
         destination = resolve_destination(req.destination, s.output_prefix)
         name, gen, s = self.generator(req.checkpoint)
         names = gen.checkpoint.label_names
-        if req.classes is not None and req.class_names is not None:
-            raise RequestError(422, "classes", "give classes or class_names, not both")
-        if req.class_names is not None:
-            bad = [n for n in req.class_names if n not in names]
-            if bad:
-                raise RequestError(422, "class_names", f"unknown class_names {bad}; choose from {names}")
-            classes = [names.index(n) for n in req.class_names]
-        else:
-            classes = list(range(len(names))) if req.classes is None else list(req.classes)
-            bad = [c for c in classes if not 0 <= c < len(names)]
-            if bad:
-                raise RequestError(422, "classes", f"classes {bad} are outside [0, {len(names)})")
-        if not classes:
-            raise RequestError(422, "classes", "classes is empty")
-        if len(set(classes)) != len(classes):
-            raise RequestError(422, "classes", f"classes {classes} has duplicates")
+        classes, prompts = _bulk_cells(req, gen, s)
         counts = [req.counts] * len(classes) if isinstance(req.counts, int) else list(req.counts)
         if len(counts) != len(classes):
-            raise RequestError(422, "counts", f"counts has {len(counts)} values for {len(classes)} classes")
+            raise RequestError(422, "counts", f"counts has {len(counts)} values for {len(classes)} "
+                                              f"{'prompts' if prompts else 'classes'}")
         if any(c < 0 for c in counts) or sum(counts) == 0:
             raise RequestError(422, "counts", "counts must be >= 0 with at least one image")
         # One plan row per strength: w and guidance_scale are lists here.
@@ -271,7 +297,8 @@ class SamplerCore:
                         checkpoint_step=gen.checkpoint.step, label_names=names, classes=classes, counts=counts,
                         seed=req.seed, solver=solver.model_dump(), guidance=[g.model_dump() for g in rows],
                         guide_uris={k: pinned(s.checkpoints[k]) for k in guides},
-                        png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows)
+                        png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows, prompts=prompts,
+                        negative_prompt=req.negative_prompt if prompts else None)
         return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()), "output_prefix": s.output_prefix,
                 "task": {"num_cpus": s.shard_num_cpus, "max_retries": s.shard_max_retries,
                          "threads": s.torch_threads, "max_running_jobs": s.max_running_jobs}}

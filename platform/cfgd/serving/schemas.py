@@ -126,13 +126,17 @@ class GenerateRequest(PlanFields, ConditionFields):
 
 
 class BulkRequest(PlanFields):
-    """POST /bulk: ``counts`` images for every (class, w), written as Parquet shards."""
+    """POST /bulk: ``counts`` images for every (class, w) — or (prompt, w) for a text
+    checkpoint — written as Parquet shards."""
 
     destination: str = Field(..., max_length=MAX_PATH, description="a sub-path of the server's output_prefix, or a URI under it")
     classes: Optional[list[StrictInt]] = Field(None, max_length=MAX_LIST, description="class indices (default: every class)")
     class_names: Optional[list[Name]] = Field(None, max_length=MAX_LIST, description="alternative to classes")
+    prompts: Optional[list[Prompt]] = Field(None, max_length=MAX_LIST,
+                                            description="a text checkpoint: the prompts (in place of classes)")
+    negative_prompt: Optional[Prompt] = Field(None, description=Condition.model_fields["negative_prompt"].description)
     counts: Union[Count, Annotated[list[Count], Field(max_length=MAX_LIST)]] = Field(
-        1, description="per (class, w): one number or one per class")
+        1, description="per (class or prompt, w): one number or one per class or prompt")
     # Several strengths: one plan row each (each value is checked as the plan's w / guidance_scale).
     w: Optional[list[float]] = Field(None, max_length=MAX_W_VALUES, description=f"{field_info('w').description}; "
                                                                               "a list: one set of images per value")

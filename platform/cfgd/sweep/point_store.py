@@ -72,6 +72,9 @@ class CheckpointInfo:
     timesteps: int
     alphas_cumprod: Any
     data_root: str
+    condition: str = "label"  # what the network is conditioned on (ModelSpec.condition)
+    label_names: tuple[str, ...] = ()
+    tokenizer_json: str | None = None  # a text checkpoint's tokenizer
 
 
 def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
@@ -80,7 +83,9 @@ def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> Checkpoint
     # Local: pin the resolved checkpoint so a newer one arriving mid-sweep is not mixed in.
     return CheckpointInfo(uri=uri if storage.is_remote(uri) else str(local), sha256=ck.weights_sha256(use_ema),
                           step=ck.step, num_classes=ck.spec.num_classes, shape=ck.shape, timesteps=ck.timesteps,
-                          alphas_cumprod=ck.schedule().alphas_cumprod, data_root=ck.data_root)
+                          alphas_cumprod=ck.schedule().alphas_cumprod, data_root=ck.data_root,
+                          condition=ck.spec.condition, label_names=tuple(ck.label_names),
+                          tokenizer_json=ck.tokenizer_json if ck.spec.condition == "text" else None)
 
 
 def point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator, data_root: str) -> dict:
@@ -94,4 +99,6 @@ def point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator,
             "k": cfg.k, "is_splits": cfg.is_splits}
     if p.solver.name != "ddim" or g.rule != "cfg" or p.params():
         key["plan"] = {"solver": p.solver.model_dump(), "guidance": g.model_dump()}
+    if p.prompt is not None:
+        key["prompt"], key["negative_prompt"] = p.prompt, p.negative_prompt
     return key

@@ -37,11 +37,12 @@ from typing import Callable
 import pyarrow as pa
 
 from cfgd.config import ConfigError, masked
+from cfgd.data import tokenizer as tokenizers
 from cfgd.diffusion.plan import PlanError, SamplingPlan
 from cfgd.evaluate.evaluator import Evaluator, RealSplit
 from cfgd.evaluate.fid_inception import InceptionFID, sweep_fid_inception
 from cfgd.io.access import check_access
-from cfgd.sweep.point_store import SweepOutput, checkpoint_info, csv_bytes, digest, parquet_bytes, point_key
+from cfgd.sweep.point_store import CheckpointInfo, SweepOutput, checkpoint_info, csv_bytes, digest, parquet_bytes, point_key
 from cfgd.sweep.sample_actors import sample_points
 from cfgd.sweep.sweep_grid import GridPoint, SweepConfig, sweep_axes
 from cfgd.sweep.sweep_plots import plot_sweep, write_grids
@@ -77,12 +78,13 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
             raise ValueError(f"checkpoint {uri} makes {info.num_classes} classes of images {info.shape}, but "
                              f"evaluator {cfg.evaluator} was trained on {len(evaluator.class_names)} classes of "
                              f"{evaluator.image_shape}")
-        for p in points:
-            if p.checkpoint == uri:
-                try:
-                    SamplingPlan(solver=p.solver, rows=(p.guidance,)).check(info.timesteps)
-                except PlanError as err:
-                    raise ConfigError(f"{err.field}: {err} (checkpoint {uri})") from None
+        mine = [p for p in points if p.checkpoint == uri]
+        check_conditions(uri, info, mine)
+        for p in mine:
+            try:
+                SamplingPlan(solver=p.solver, rows=(p.guidance,)).check(info.timesteps)
+            except PlanError as err:
+                raise ConfigError(f"{err.field}: {err} (checkpoint {uri})") from None
     data_root = cfg.data_root or infos[checkpoints[0]].data_root
     if not data_root:
         raise ConfigError("data_root is required: the checkpoint does not name its data")
@@ -143,6 +145,30 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
         f"table {paths['table_csv']}, plot {paths['plot']}, grid {paths['grid']}")
     return SweepResult(out_uri, rows, [ids[p] for p in missing], [ids[p] for p in points if p in done],
                        seconds, paths)
+
+
+def check_conditions(uri: str, info: CheckpointInfo, points: list[GridPoint]) -> None:
+    """ConfigError naming the key when a point's condition does not fit its checkpoint: prompts
+    for a text checkpoint (tokenized here, every class's, before anything is sampled), labels
+    for a label checkpoint."""
+    prompted = [p for p in points if p.prompt is not None]
+    if info.condition == "label":
+        if prompted:
+            raise ConfigError(f"prompt: checkpoint {uri} is conditioned on class labels, not text (drop prompt)")
+        return
+    if info.condition != "text":
+        raise ConfigError(f"checkpoint {uri} is conditioned on {info.condition}; sweeps take label and text "
+                          "checkpoints")
+    if len(prompted) != len(points):
+        raise ConfigError(f"prompt is required: checkpoint {uri} is conditioned on text (e.g. prompt='a {{class}}')")
+    tok = tokenizers.cached(info.tokenizer_json)
+    for p in prompted:
+        for name in ("prompt", "negative_prompt"):
+            try:
+                rows = [p.condition(c, info.label_names) for c in range(info.num_classes)]
+                tok.encode([getattr(r, name) or "" for r in rows], name)
+            except ValueError as err:  # pydantic's ValidationError is one too
+                raise ConfigError(f"{name}={getattr(p, name)!r}: {err} (checkpoint {uri})") from None
 
 
 def _config_dict(cfg: SweepConfig) -> dict:

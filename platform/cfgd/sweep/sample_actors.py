@@ -38,7 +38,7 @@ class SampleWorker:
         self.samplers: dict[str, CheckpointSampler] = {}
 
     def sample(self, task: dict) -> dict:
-        """task: checkpoint, labels, seeds, plan (a SamplingPlan, one row per label).
+        """task: checkpoint, conditions (labels or Conditions), seeds, plan (a SamplingPlan, one row each).
 
         Returns {"task": id, "images": uint8 (B, H, W, C), "seconds": sampling time}.
         """
@@ -46,8 +46,8 @@ class SampleWorker:
         if ck not in self.samplers:
             self.samplers[ck] = CheckpointSampler.load(ck, use_ema=self.use_ema, storage=self.storage_options)
         t0 = time.perf_counter()
-        images = self.samplers[ck].sample(task["labels"], task["seeds"], task["plan"],
-                                            batch_size=len(task["labels"]))
+        images = self.samplers[ck].sample(task["conditions"], task["seeds"], task["plan"],
+                                            batch_size=len(task["seeds"]))
         return {"task": task["id"], "images": to_uint8(images), "seconds": time.perf_counter() - t0}
 
 
@@ -77,7 +77,8 @@ def make_tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[
             shares[tid] = {k: v / total for k, v in cost.items()}
             tasks.append({
                 "id": tid, "checkpoint": info.uri,
-                "labels": [int(labels[i]) for i, _ in chunk], "seeds": [int(seeds[i]) for i, _ in chunk],
+                "conditions": [p.condition(int(labels[i]), info.label_names) for i, p in chunk],
+                "seeds": [int(seeds[i]) for i, _ in chunk],
                 "plan": SamplingPlan(solver=solver, rows=tuple(p.guidance for _, p in chunk)),
                 "rows": [(ids[p], i) for i, p in chunk],
             })
@@ -99,7 +100,7 @@ def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoin
     # SPREAD: on a multi-node cluster the actors land on different nodes (no effect on one node).
     actor_cls = ray.remote(SampleWorker).options(num_cpus=cfg.cpus_per_worker, scheduling_strategy="SPREAD")
     actors = [actor_cls.remote(cfg.storage, threads, cfg.use_ema) for _ in range(n_workers)]
-    log(f"[cfgd.sweep] {sum(len(t['labels']) for t in tasks)} rows in {len(tasks)} tasks on {n_workers} "
+    log(f"[cfgd.sweep] {sum(len(t['seeds']) for t in tasks)} rows in {len(tasks)} tasks on {n_workers} "
         f"actors ({cfg.cpus_per_worker} CPU, {threads} threads each)")
     n = cfg.samples_per_w
     by_id = {ids[p]: p for p in missing}
@@ -108,7 +109,7 @@ def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoin
     remaining = {pid: n for pid in by_id}
     seconds = {pid: 0.0 for pid in by_id}
     rows_of = {t["id"]: t["rows"] for t in tasks}
-    bar = tqdm(total=sum(len(t["labels"]) for t in tasks), desc="sweep", unit="sample", disable=not cfg.progress)
+    bar = tqdm(total=sum(len(t["seeds"]) for t in tasks), desc="sweep", unit="sample", disable=not cfg.progress)
     try:
         for res in ActorPool(actors).map_unordered(lambda a, t: a.sample.remote(t), tasks):
             for (pid, i), img in zip(rows_of[res["task"]], res["images"]):
@@ -132,11 +133,12 @@ def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoin
 def finish_point(p: GridPoint, pid: str, key: dict, images: np.ndarray, seconds: float, info: CheckpointInfo,
                   evaluator: Evaluator, real: RealSplit, cfg: SweepConfig, out: SweepOutput) -> None:
     labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+    prompts = None if p.prompt is None else [p.condition(int(c), info.label_names).prompt for c in labels]
     # Samples are scored as the uint8 images they are stored as, like the real data.
     emb = evaluator.embed(images)
     metrics = compute_metrics(emb, labels, real.reference, real.pr_reference(len(labels)), cfg.k, cfg.is_splits)
     out.write(f"points/{pid}.samples.parquet",
-              parquet_bytes(samples_table(images, labels, seeds, p.w, emb.probs.argmax(1))))
+              parquet_bytes(samples_table(images, labels, seeds, p.w, emb.probs.argmax(1), prompts)))
     record = {"id": pid, "kind": "generated", "key": key, "metrics": metrics, "n_samples": len(labels),
               "seconds": seconds, "samples_per_s": len(labels) / seconds if seconds > 0 else None}
     out.write(f"points/{pid}.json", json.dumps(record, indent=2).encode())  # last: marks the point done

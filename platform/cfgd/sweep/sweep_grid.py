@@ -14,8 +14,10 @@ import numpy as np
 
 from cfgd.checks import Rule, check
 from cfgd.config import ConfigError, plan_keys
+from cfgd.data.captions import class_word
 from cfgd.diffusion.guidance import plan_cost
-from cfgd.diffusion.plan import FIELDS, RULE_PARAMS, Guidance, PlanError, SamplingPlan, Solver, plan_row, strength_columns
+from cfgd.diffusion.plan import (FIELDS, RULE_PARAMS, Condition, Guidance, PlanError, SamplingPlan, Solver, plan_row,
+                                 strength_columns)
 from cfgd.diffusion.solvers import ddim_timesteps
 from cfgd.io.storage import StorageOptions
 
@@ -34,6 +36,11 @@ class SweepJob:
     # Guidance strengths, paper form, or guidance_scale (s = 1 + w); neither: DEFAULT_W.
     w: Optional[list[float]] = None
     guidance_scale: Optional[list[float]] = None
+    # A text checkpoint: prompt templates, each "{class}" replaced by the sample's class word
+    # ("a dark {class}" → "a dark dress"); a list is a grid dimension. Negative prompts likewise
+    # ("" or null: ∅). A label checkpoint takes neither.
+    prompt: Any = None
+    negative_prompt: Any = None
     samples_per_w: int = 500  # samples per grid point; sample i has class i mod num_classes
     use_ema: bool = True
     seed: int = 0  # sample i uses seed + i at every grid point
@@ -67,6 +74,8 @@ class GridPoint:
     checkpoint: str
     solver: Solver
     guidance: Guidance  # this point's plan row, built once (sweep_axes)
+    prompt: Optional[str] = None  # a text checkpoint's prompt template ("{class}" → the class word)
+    negative_prompt: Optional[str] = None  # its negative prompt template; None = ∅
 
     @property
     def w(self) -> float:
@@ -75,7 +84,16 @@ class GridPoint:
     @property
     def group(self) -> tuple:
         """Everything but w: rows of one group go into one grid image and one plot line."""
-        return (self.checkpoint, self.solver, self.guidance.model_copy(update={"w": 0.0}))
+        return (self.checkpoint, self.solver, self.guidance.model_copy(update={"w": 0.0}), self.prompt,
+                self.negative_prompt)
+
+    def condition(self, label: int, label_names: list[str]) -> int | Condition:
+        """Sample ``label``'s condition at this point: the label, or the prompts for its class."""
+        if self.prompt is None:
+            return label
+        word = class_word(label_names[label])
+        neg = self.negative_prompt.replace("{class}", word) if self.negative_prompt else None
+        return Condition(prompt=self.prompt.replace("{class}", word), negative_prompt=neg)
 
     def params(self) -> dict:
         """The guidance parameters that are not at their defaults (besides rule, w, interval)."""
@@ -87,6 +105,23 @@ class GridPoint:
 
 def _listify(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _prompts(cfg: SweepJob) -> tuple[list[Optional[str]], list[Optional[str]]]:
+    """The prompt and negative-prompt templates (each a grid dimension), checked."""
+    prompts = [None] if cfg.prompt is None else _listify(cfg.prompt)
+    negatives = [None] if cfg.negative_prompt is None else [n or None for n in _listify(cfg.negative_prompt)]
+    for name, values in (("prompt", prompts), ("negative_prompt", negatives)):
+        for v in values:
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"{name}={v!r} is not valid; give a string or a list of strings")
+    for p in prompts:
+        if p is not None and "{class}" not in p:
+            raise ConfigError(f"prompt={p!r} has no '{{class}}': sample i is scored as class i mod C, so every "
+                              "prompt template names it (e.g. 'a dark {class}')")
+    if negatives != [None] and prompts == [None]:
+        raise ConfigError("negative_prompt needs prompt: negative prompts are for text checkpoints")
+    return prompts, negatives
 
 
 def _intervals(value: Any) -> list[Optional[tuple[int, int]]]:
@@ -132,6 +167,7 @@ def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
     ], ConfigError)
     dims = {k: _listify(getattr(cfg, k)) for k in FIELDS if k not in ("w", "guidance_scale", "interval")}
     dims["interval"] = _intervals(cfg.interval)
+    prompts, negatives = _prompts(cfg)
     points: list[GridPoint] = []
     solvers: dict = {}
     try:
@@ -145,13 +181,14 @@ def sweep_axes(cfg: SweepConfig) -> list[GridPoint]:
                             values.pop(name, None)
                 if values["rule"] != "autoguidance":
                     values.pop("guide")
-                for w in ([{}] if values["rule"] == "cfg++" else ws):  # CFG++ has λ, not w
-                    key = tuple((k, values[k]) for k in SOLVER_KEYS)
-                    solver, g = plan_row({**values, **w}, solver=solvers.get(key))
-                    solvers[key] = solver
-                    p = GridPoint(ck, solver, g)
-                    if p not in points:
-                        points.append(p)
+                for prompt, neg in itertools.product(prompts, negatives):
+                    for w in ([{}] if values["rule"] == "cfg++" else ws):  # CFG++ has λ, not w
+                        key = tuple((k, values[k]) for k in SOLVER_KEYS)
+                        solver, g = plan_row({**values, **w}, solver=solvers.get(key))
+                        solvers[key] = solver
+                        p = GridPoint(ck, solver, g, prompt, neg)
+                        if p not in points:
+                            points.append(p)
     except PlanError as err:
         raise ConfigError(str(err)) from None
     first = next((p for p in points if p.guidance.rule != "cfg++"), None)

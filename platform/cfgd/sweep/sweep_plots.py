@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgd.data.images import decode_png, figure_png
@@ -24,7 +25,7 @@ def write_grids(out: SweepOutput, points: list[GridPoint], ids: dict[GridPoint, 
     for gi, (group, members) in enumerate(groups.items()):
         images, seeds = [], None
         for p in members:
-            t = pq.read_table(io.BytesIO(out.read(f"points/{ids[p]}.samples.parquet")), columns=["seed", "image"])
+            t = pq.read_table(pa.BufferReader(out.read(f"points/{ids[p]}.samples.parquet")), columns=["seed", "image"])
             t = t.slice(0, columns)
             s = t.column("seed").to_pylist()
             assert seeds is None or s == seeds, "grid rows must share seeds"
