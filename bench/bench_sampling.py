@@ -242,7 +242,7 @@ def text_vs_label(net: Net, B: int, steps: int, repeats: int, text_checkpoint: s
     schedule, text_eps = gen.schedule(), gen.eps_fn()
     ts = ddim_timesteps(schedule.T, steps, "trailing")
     labels, null = torch.arange(B) % net.num_classes, null_label(net.num_classes)
-    cond, uncond = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)
+    cond, uncond, _ = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)
 
     @torch.inference_mode()
     def floor(eps_fn, y):
@@ -256,7 +256,7 @@ def text_vs_label(net: Net, B: int, steps: int, repeats: int, text_checkpoint: s
     plan = SamplingPlan(solver=Solver(steps=steps), rows=(Guidance(w=2.0),) * B)
 
     def platform_text():
-        c, u = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)  # once per batch, timed with it
+        c, u, _ = encode_rows(gen.checkpoint, gen.model, prompts, gen.device)  # once per batch, timed with it
         sample(text_eps, schedule, c, list(range(B)), gen.shape, plan, uncond=u)
 
     times = median_times({"label floor": lambda: floor(net.eps_fn, torch.cat([labels, torch.full((B,), null)])),

@@ -111,3 +111,22 @@ def tiny_text_checkpoint(directory, seed: int = 0, captions=CAPTIONS) -> Path:
     return write_checkpoint(Path(directory), model_state=model.state_dict(), ema_state=model.state_dict(),
                             optimizer_state=None, spec=model.spec, label_names=DIGIT_NAMES, step=seed, epoch=0,
                             config=config, extra={"tokenizer": tok.to_json()})
+
+
+def tiny_image_checkpoint(directory, seed: int = 0) -> Path:
+    """A complete checkpoint of a tiny label UNet (8x8x1) that also takes a 2x2x1 conditioning
+    image (a low_res 4 model), perturbed like `tiny_net`."""
+    from cfgd.config import load_config, to_dict
+    from cfgd.io.checkpoint import write_checkpoint
+    from cfgd.model.unet import build_model
+    from cfgd.spec import ModelSpec
+
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec("tiny", 8, 1, 10, cond_channels=1, cond_height=2, cond_width=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = to_dict(load_config(None, ["diffusion.timesteps=100"]))
+    return write_checkpoint(Path(directory), model_state=model.state_dict(), ema_state=model.state_dict(),
+                            optimizer_state=None, spec=model.spec, label_names=DIGIT_NAMES, step=seed, epoch=0,
+                            config=config)

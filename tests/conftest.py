@@ -50,7 +50,7 @@ def digits_shards(tmp_path_factory):
 TIERS = {
     "test_math": {"math"}, "test_guidance_rules": {"math"}, "test_convergence": {"math"},
     "test_images": {"math"}, "test_config": set(), "test_mnist_files": set(), "test_imports": set(), "test_layers": set(),
-    "test_readme": set(), "test_model_checkpoint": set(), "test_serve_unit": set(), "test_captions": set(), "test_conditions": set(),
+    "test_readme": set(), "test_model_checkpoint": set(), "test_serve_unit": set(), "test_captions": set(), "test_conditions": set(), "test_image_conditions": set(),
     "test_parameterization": {"math", "slow"},
     "test_artifact": {"s3", "slow"}, "test_data": {"ray", "slow"}, "test_evaluate": {"s3", "slow"},
     "test_fid_inception": {"ray", "slow"}, "test_resume": {"s3", "slow"}, "test_storage": {"s3", "slow"},

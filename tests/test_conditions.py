@@ -86,8 +86,8 @@ def _plan(n, w=2.0, steps=4):
 def test_prompts_are_encoded_once_per_batch_and_a_row_is_the_same_alone_or_in_a_mixed_batch(tmp_path):
     gen = CheckpointSampler.load(tiny_text_checkpoint(tmp_path / "ck"))
     calls = []
-    encode = gen.model.encode
-    gen.model.encode = lambda y: calls.append(y["tokens"].shape[0]) or encode(y)
+    encode = gen.model.encode_y
+    gen.model.encode_y = lambda y: calls.append(y["tokens"].shape[0]) or encode(y)
     rows = [Condition(prompt="a dark 3"), Condition(prompt="a dark 3", negative_prompt="light"),
             Condition(prompt="a light 7"), Condition(prompt="a dark 3"), Condition(prompt="")]
     images = gen.sample(rows, [5, 6, 7, 8, 9], _plan(5))

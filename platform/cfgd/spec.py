@@ -77,6 +77,8 @@ class ModelSpec:
     vocabulary size and token count (the tokenizer itself travels in the checkpoint's
     meta.json); an embedding model the shape (tokens, dim) of its vectors, tokens = 1 for
     one vector per image. Checkpoints written before conditions existed are label models.
+    A model may also take a conditioning image (``cond_channels`` > 0, of ``cond_height`` ×
+    ``cond_width``): a second condition, with its own null.
     """
 
     size: str
@@ -88,10 +90,19 @@ class ModelSpec:
     max_tokens: int = 0
     embedding_tokens: int = 0
     embedding_dim: int = 0
+    # A second condition, an image (cfgd.data.image_condition): its channels (0 = none) and size.
+    cond_channels: int = 0
+    cond_height: int = 0
+    cond_width: int = 0
 
     @property
     def null_label(self) -> int:
         return null_label(self.num_classes)
+
+    @property
+    def has_image(self) -> bool:
+        """Whether y carries a conditioning image besides the label, text or embedding."""
+        return self.cond_channels > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +131,10 @@ class ModelSpec:
                   "num_classes": (1, MAX_CLASSES), "vocab_size": (3 if text else 0, MAX_VOCAB if text else 0),
                   "max_tokens": (1 if text else 0, MAX_TOKENS if text else 0),
                   "embedding_tokens": (1 if emb else 0, MAX_TOKENS if emb else 0),
-                  "embedding_dim": (1 if emb else 0, MAX_EMBEDDING_DIM if emb else 0)}
+                  "embedding_dim": (1 if emb else 0, MAX_EMBEDDING_DIM if emb else 0),
+                  "cond_channels": (0, MAX_CHANNELS + 1)}
+        image = isinstance(data["cond_channels"], int) and data["cond_channels"] > 0
+        bounds.update({k: (1 if image else 0, MAX_IMAGE_SIZE if image else 0) for k in ("cond_height", "cond_width")})
         for key, (lo, hi) in bounds.items():
             v = data[key]
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 # PIL mode of each channel count the project stores: grayscale or RGB (no alpha).
 MODE_FOR_CHANNELS = {1: "L", 3: "RGB"}
+# A conditioning image may carry one more channel, its mask (cfgd.data.image_condition).
+PNG_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 _TO_UNIT = np.float32(2.0 / 255.0)
 
@@ -37,21 +39,22 @@ _TO_UNIT = np.float32(2.0 / 255.0)
 # --------------------------------------------------------------------------- PNG
 
 
-def encode_png(img: np.ndarray) -> bytes:
+def encode_png(img: np.ndarray, modes: dict[int, str] = MODE_FOR_CHANNELS) -> bytes:
     """Encode one image as PNG.
 
     Args:
-        img: uint8 array (H, W, C) with C == 1 (stored as mode L) or C == 3 (RGB).
+        img: uint8 array (H, W, C) with C == 1 (stored as mode L) or C == 3 (RGB);
+            with ``modes=PNG_MODES`` also 2 (LA) and 4 (RGBA).
 
     Returns:
         PNG file bytes.
     """
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in MODE_FOR_CHANNELS:
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] not in modes:
         raise ValueError(
-            f"encode_png expects uint8 (H, W, C) with C in (1, 3); "
+            f"encode_png expects uint8 (H, W, C) with C in {tuple(modes)}; "
             f"got dtype {img.dtype}, shape {img.shape}"
         )
-    mode = MODE_FOR_CHANNELS[img.shape[2]]
+    mode = modes[img.shape[2]]
     pixels = img[:, :, 0] if mode == "L" else img
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(buf, format="PNG")

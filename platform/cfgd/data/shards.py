@@ -2,8 +2,9 @@
 
 Layout: ``<root>/<split>/part-00000.parquet``, ``part-00001.parquet``, ...
 One row per image with columns ``image`` (binary, PNG bytes) and ``label``
-(int64), and optionally ``caption`` (string: a text condition) and ``embedding`` (a
-fixed-size list of float32: a precomputed condition vector, cfgd.data.embedding_column). The Arrow schema
+(int64), and optionally ``caption`` (string: a text condition), ``embedding`` (a
+fixed-size list of float32: a precomputed condition vector, cfgd.data.embedding_column) and
+``cond_image`` (PNG bytes: a conditioning image, cfgd.data.image_condition). The Arrow schema
 metadata key ``b"cfgd"`` holds JSON::
 
     {"class_names": [...], "height": H, "width": W, "channels": C,
@@ -32,7 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgd.data.embedding_column import EMBEDDING, embedding_shape, is_embedding_type
-from cfgd.data.images import MODE_FOR_CHANNELS, encode_png
+from cfgd.data.image_condition import COND_IMAGE, cond_image_shape, make_cond_images
+from cfgd.data.images import MODE_FOR_CHANNELS, PNG_MODES, encode_png
 from cfgd.data.sources import SPLITS, check_labels, load_image_folder, load_source
 from cfgd.io.access import check_access
 from cfgd.io.atomic import staged_dir
@@ -100,14 +102,18 @@ def check_captions(captions: Any, n: int, where: str) -> None:
 
 
 def _shard_table(images: np.ndarray, labels: np.ndarray, metadata: bytes,
-                 captions: list[str] | None = None) -> pa.Table:
-    """Arrow table of PNG-encoded images (binary), int64 labels and optional captions, with cfgd metadata."""
-    fields = [("image", pa.binary()), ("label", pa.int64())] + ([("caption", pa.string())] if captions else [])
-    schema = pa.schema(fields, metadata={METADATA_KEY: metadata})
-    pngs = [encode_png(img) for img in images]
-    columns = [pa.array(pngs, type=pa.binary()), pa.array(labels.astype(np.int64))]
-    return pa.Table.from_arrays(columns + ([pa.array(captions, type=pa.string())] if captions else []),
-                                schema=schema)
+                 captions: list[str] | None = None, cond_images: np.ndarray | None = None) -> pa.Table:
+    """Arrow table of PNG-encoded images (binary), int64 labels and optional captions and
+    conditioning images (PNG), with cfgd metadata."""
+    fields = [("image", pa.binary()), ("label", pa.int64())]
+    columns = [pa.array([encode_png(img) for img in images], type=pa.binary()), pa.array(labels.astype(np.int64))]
+    if captions:
+        fields.append(("caption", pa.string()))
+        columns.append(pa.array(captions, type=pa.string()))
+    if cond_images is not None:
+        fields.append((COND_IMAGE, pa.binary()))
+        columns.append(pa.array([encode_png(c, PNG_MODES) for c in cond_images], type=pa.binary()))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata={METADATA_KEY: metadata}))
 
 
 def write_shards(
@@ -120,6 +126,7 @@ def write_shards(
     filesystem: fsspec.AbstractFileSystem | None = None,
     captions: list[str] | None = None,
     conditions: dict | None = None,
+    cond_images: np.ndarray | None = None,
 ) -> list[str]:
     """Write one split as PNG-in-Parquet shards ``<out_root>/<split>/part-NNNNN.parquet``.
 
@@ -135,6 +142,8 @@ def write_shards(
         filesystem: fsspec filesystem (default: local).
         captions: one non-empty str per image (the ``caption`` column), or None.
         conditions: JSON-able description of the condition columns (metadata ``conditions``).
+        cond_images: uint8 (N, h, w, c) conditioning images (the ``cond_image`` column, described
+            under ``conditions["cond_image"]``: cfgd.data.image_condition), or None.
 
     Returns:
         Paths of the written files (in their final location), in order.
@@ -149,10 +158,19 @@ def write_shards(
     fs = local_or(filesystem)
     final_dir = split_path(out_root, split, fs)
     _, height, width, channels = images.shape
+    declared = {k: v for k, v in (conditions or {}).items()
+                if (k == "caption" and captions is not None) or (k == COND_IMAGE and cond_images is not None)}
+    if captions is not None:
+        declared.setdefault("caption", {})
+    if cond_images is not None:
+        if len(cond_images) != len(images) or cond_images.shape[1:] != cond_image_shape(declared.get(COND_IMAGE),
+                                                                                         f"split {split!r}"):
+            raise ValueError(f"split {split!r}: cond_images {cond_images.shape} do not match {len(images)} rows of "
+                             f"the declared shape")
     metadata = json.dumps({
         "class_names": list(class_names), "height": int(height), "width": int(width),
         "channels": int(channels), "format_version": FORMAT_VERSION,
-        **({"conditions": conditions or {"caption": {}}} if captions is not None else {}),
+        **({"conditions": declared} if declared else {}),
     }).encode()
     labels = np.asarray(labels)
     names = []
@@ -162,7 +180,8 @@ def write_shards(
             name = f"part-{shard:05d}.parquet"
             with fs.open(posixpath.join(tmp_dir, name), "wb") as f:
                 pq.write_table(_shard_table(images[start:stop], labels[start:stop], metadata,
-                                            None if captions is None else list(captions[start:stop])), f)
+                                            None if captions is None else list(captions[start:stop]),
+                                            None if cond_images is None else cond_images[start:stop]), f)
             names.append(name)
     return [posixpath.join(final_dir, n) for n in names]
 
@@ -231,11 +250,14 @@ def _parse_cfgd_metadata(schema: pa.Schema, path: str) -> dict:
                          f"{list(CONDITION_COLUMNS)} to their description, got {conditions!r}")
     if EMBEDDING in conditions:
         embedding_shape(conditions[EMBEDDING], path)
+    if COND_IMAGE in conditions:
+        cond_image_shape(conditions[COND_IMAGE], path)
     return meta
 
 
 CONDITION_COLUMNS = {"caption": (pa.types.is_string, "string"),  # beyond the label
-                     EMBEDDING: (is_embedding_type, "fixed_size_list<float32>[tokens·dim]")}
+                     EMBEDDING: (is_embedding_type, "fixed_size_list<float32>[tokens·dim]"),
+                     COND_IMAGE: (pa.types.is_binary, "binary (PNG)")}
 
 
 def _check_columns(schema: pa.Schema, path: str, conditions: dict) -> None:
@@ -348,6 +370,14 @@ def read_captions(root: str, split: str, storage: StorageOptions | None = None) 
 # ---------------------------------------------------------------- from a source
 
 
+def _same_image_condition(meta: DatasetMeta, image_condition: dict | None) -> bool:
+    """Whether existing shards carry the conditioning images asked for (the same transform)."""
+    have = meta.conditions.get(COND_IMAGE)
+    if not image_condition:
+        return have is None
+    return have is not None and all(have.get(k) == v for k, v in image_condition.items())
+
+
 def _same_captions(meta: DatasetMeta, captions: str, holdout) -> bool:
     """Whether existing shards carry the captions asked for (none, or the same source and holdout)."""
     have = meta.conditions.get("caption")
@@ -359,12 +389,14 @@ def _same_captions(meta: DatasetMeta, captions: str, holdout) -> bool:
 def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int = 10000,
             test_fraction: float = 0.1, overwrite: bool = False,
             storage: StorageOptions | None = None, captions: str = "",
-            caption_holdout: list[str] = ()) -> dict[str, DatasetMeta]:
+            caption_holdout: list[str] = (), image_condition: dict | None = None) -> dict[str, DatasetMeta]:
     """Convert a source into train/test Parquet shards under ``root``; returns each split's meta.
 
     ``captions="attributes"`` adds a caption per image written from its measured
     attributes (:func:`cfgd.data.captions.attribute_captions`), never the
-    ``caption_holdout`` combinations.
+    ``caption_holdout`` combinations. ``image_condition`` ({"transform": "low_res", "factor": 4}
+    or {"transform": "masked", "keep": "top"}) adds a ``cond_image`` column made from each
+    image (cfgd.data.image_condition).
 
     ``root`` is a local path or an ``s3://`` URI (reached with ``storage``, a
     StorageOptions). Splits that already exist and read back cleanly
@@ -375,7 +407,8 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
     if not overwrite:
         try:
             metas = {s: read_split_meta(root, s, fs) for s in SPLITS}
-            if all(_same_captions(m, captions, caption_holdout) for m in metas.values()):
+            if all(_same_captions(m, captions, caption_holdout) and _same_image_condition(m, image_condition)
+                   for m in metas.values()):
                 return metas
         except (ValueError, FileNotFoundError):
             pass  # missing or damaged (or captioned otherwise than asked): (re)write below
@@ -389,8 +422,11 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
         texts, conditions = attribute_captions(splits, names, list(caption_holdout))
     metas = {}
     for split, (images, labels) in splits.items():
+        cond, declared = None, dict(conditions or {})
+        if image_condition:
+            cond, declared[COND_IMAGE] = make_cond_images(images, **image_condition)
         write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs,
-                     captions=texts.get(split), conditions=conditions)
+                     captions=texts.get(split), conditions=declared, cond_images=cond)
         metas[split] = read_split_meta(root, split, fs)
         validate_labels(root, split, metas[split], fs)
     return metas

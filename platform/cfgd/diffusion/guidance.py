@@ -85,6 +85,11 @@ class Rows:
         self.guides = guides
         self.guide = torch.tensor([guides.index(g.guide) if g.guide is not None else -1 for g in rows])
         self.used = {int(v) for v in self.rule.unique()}
+        # Two conditions (an image I and y): rows that guide both, their s_I and combination.
+        self.multi = torch.tensor([g.multi for g in rows])
+        self.any_multi = bool(self.multi.any())
+        self.image_scale = f64([g.image_scale for g in rows])
+        self.independent = torch.tensor([g.combine == "independent" for g in rows])
 
     def strength(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_t (B,) float64, guided (B,) bool) at timestep t.
@@ -100,16 +105,45 @@ class Rows:
         return w_t, guided
 
 
-def evaluations(rows: Rows, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Which rows need which network evaluation at t: (ε_c, ε_u, guide) masks (B,).
+def coefficients(rows: Rows, t: int) -> torch.Tensor:
+    """The two-condition rows' ε̂ as a sum over condition subsets at t: (B, 4) float64, the
+    weights of ε(I,y), ε(I,∅), ε(∅,y), ε(∅,∅) (docs/guidance-methods.md, "Two conditions").
+
+    With s = 1 + w_t and s_I = 1 + (image_scale − 1)·g(u) (the row's schedule and interval
+    apply to both strengths; outside the interval s = s_I = 1, so ε̂ = ε(I,y)):
+    sequential = (s, s_I − s, 0, 1 − s_I); independent = (0, s_I, s, 1 − s_I − s).
+    """
+    w_t, _ = rows.strength(t)
+    u = 1.0 - t / rows.T
+    g = torch.tensor([1.0, 2.0 * u, 1.0 - math.cos(math.pi * u)], dtype=torch.float64)[rows.sched]
+    inside = (rows.lo <= t) & (t <= rows.hi)
+    s = 1.0 + w_t
+    s_i = torch.where(inside, 1.0 + (rows.image_scale - 1.0) * g, torch.ones_like(s))
+    zero = torch.zeros_like(s)
+    seq = torch.stack([s, s_i - s, zero, 1.0 - s_i], dim=1)
+    ind = torch.stack([zero, s_i, s, 1.0 - s_i - s], dim=1)
+    return torch.where(rows.independent[:, None], ind, seq)
+
+
+def evaluations(rows: Rows, t: int) -> tuple[torch.Tensor, ...]:
+    """Which rows need which network evaluation at t: (ε_c, ε_u, guide, ε(∅,y), ε(∅,∅)) masks (B,).
 
     ε_c for every row but CFG rows at w_t = −1 (ε̂ = ε_u); ε_u for guided rows of the
-    rules that use ∅; the guiding network's ε_c for guided autoguidance rows.
+    rules that use ∅; the guiding network's ε_c for guided autoguidance rows. A row
+    guiding two conditions needs each subset whose weight is not 0 (:func:`coefficients`;
+    there ε_c is ε(I,y) and ε_u is ε(I,∅)).
     """
     w_t, guided = rows.strength(t)
     need_c = ~((rows.rule == CFG) & (w_t == -1))
     need_g = guided & (rows.rule == AUTO)
-    return need_c, guided & ~need_g, need_g
+    need_u = guided & ~need_g
+    if not rows.any_multi:
+        none = torch.zeros_like(need_c)
+        return need_c, need_u, need_g, none, none
+    k = coefficients(rows, t) != 0
+    m = rows.multi
+    return (torch.where(m, k[:, 0], need_c), torch.where(m, k[:, 1], need_u), need_g & ~m, m & k[:, 2],
+            m & k[:, 3])
 
 
 def plan_cost(plan: SamplingPlan, T: int, timesteps: list[int]) -> list[int]:
@@ -117,8 +151,7 @@ def plan_cost(plan: SamplingPlan, T: int, timesteps: list[int]) -> list[int]:
     rows = Rows(plan.rows, T)
     total = torch.zeros(len(plan.rows), dtype=torch.long)
     for t in timesteps:
-        c, u, g = evaluations(rows, t)
-        total += c.long() + u.long() + g.long()
+        total += sum(m.long() for m in evaluations(rows, t))
     return total.tolist()
 
 
@@ -141,13 +174,17 @@ class GuidedDenoiser:
     """
 
     def __init__(self, eps_fn: EpsFn, schedule: Schedule, cond: Cond, plan: SamplingPlan,
-                 uncond: Cond | int | None, guides: Mapping[str, EpsFn] | None = None):
+                 uncond: Cond | int | None, guides: Mapping[str, EpsFn] | None = None,
+                 no_image: tuple[Cond, Cond] | None = None):
         """``cond``: each row's condition y; ``uncond``: what ε_u is evaluated with per row, the
         null condition ∅ or, for a row with a negative prompt, that prompt (same kind as ``cond``);
-        an int is the null label of a batch of labels."""
+        an int is the null label of a batch of labels. A model with an image condition: ``cond``
+        and ``uncond`` carry the image (ε(I,y), ε(I,∅)) and ``no_image`` the rows with the
+        image's ∅, (ε(∅,y)'s, ε(∅,∅)'s), for rows that guide both conditions."""
         if isinstance(uncond, int):
             uncond = torch.full_like(cond, uncond)
         self.eps_fn, self.schedule, self.cond, self.uncond = eps_fn, schedule, cond, uncond
+        self.no_image = no_image
         self.rows = Rows(plan.rows, schedule.T)
         missing = [g for g in self.rows.guides if g not in (guides or {})]
         if missing:
@@ -160,21 +197,37 @@ class GuidedDenoiser:
     def _plan(self, t: int, device: torch.device) -> tuple:
         if t not in self._masks:
             w_t, guided = self.rows.strength(t)
-            c, u, g = evaluations(self.rows, t)
+            c, u, g, i01, i00 = evaluations(self.rows, t)
             idx = lambda m: m.nonzero().flatten().to(device)  # noqa: E731
             per_guide = [idx(g & (self.rows.guide == k)) for k in range(len(self.guide_fns))]
-            self._masks[t] = (w_t.to(device), guided, idx(c), idx(u), per_guide)
+            coef = coefficients(self.rows, t).to(device) if self.rows.any_multi else None
+            self._masks[t] = (w_t.to(device), guided, idx(c), idx(u), per_guide, (idx(i01), idx(i00)), coef)
         return self._masks[t]
+
+    def _no_image(self, x: torch.Tensor, tt: torch.Tensor, main: EpsFn, subsets: tuple) -> tuple | None:
+        """ε(∅,y) and ε(∅,∅) of the rows that need them (zeros elsewhere), in one forward; None if none do."""
+        n = [len(i) for i in subsets]
+        if not sum(n):
+            return None
+        if self.no_image is None:
+            raise ValueError("guidance over two conditions needs the rows' conditions without their image")
+        take = cond_ops.take
+        out = main(torch.cat([x[i] for i in subsets]), torch.cat([tt[i] for i in subsets]),
+                   cond_ops.cat([take(c, i) for c, i in zip(self.no_image, subsets)]))
+        return tuple(torch.zeros_like(x).index_copy_(0, i, part) for i, part in zip(subsets, out.split(n)))
 
     def _eps(self, x: torch.Tensor, t: int, main: EpsFn, guide_fns: list[EpsFn]) -> tuple:
         """(ε_c, ε_u, ε_guide, w_t, guided): None for an evaluation no row needed; zeros
         in the rows of an evaluation that did not need it. ``main`` / ``guide_fns``: the
-        networks as eps_fns (or as x̂0 functions, at ᾱ_t = 0)."""
-        w_t, guided, cond, uncond, per_guide = self._plan(t, x.device)
+        networks as eps_fns (or as x̂0 functions, at ᾱ_t = 0). Rows guiding two conditions
+        leave theirs in ``self._two`` (ε(∅,y), ε(∅,∅), weights) for :meth:`_guide`."""
+        w_t, guided, cond, uncond, per_guide, subsets, coef = self._plan(t, x.device)
         B, n_c, n_u = x.shape[0], len(cond), len(uncond)
         y, take = self.cond, cond_ops.take
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
-        self.rows_evaluated += n_c + n_u + sum(len(i) for i in per_guide)
+        self.rows_evaluated += n_c + n_u + sum(len(i) for i in per_guide) + sum(len(i) for i in subsets)
+        two = self._no_image(x, tt, main, subsets)
+        self._two = None if coef is None else (two, coef)
         eps_g = None
         if any(len(rows) for rows in per_guide):
             eps_g = torch.zeros_like(x)
@@ -208,7 +261,7 @@ class GuidedDenoiser:
         sa, s1a = math.sqrt(a), math.sqrt(1 - a)
         eps_c, eps_u, eps_g, w_t, guided = self._eps(x, t, self.eps_fn, self.guide_fns)
         renoise = None
-        if eps_u is None and eps_g is None:  # nobody guided at this step: ε̂ = ε_c
+        if eps_u is None and eps_g is None and self._two_free():  # nobody guided at this step: ε̂ = ε_c
             eps = eps_c
         else:
             # APG works on x̂0: the maps between ε and x̂0 at this t.
@@ -235,7 +288,7 @@ class GuidedDenoiser:
         """
         x0_c, x0_u, x0_g, w_t, guided = self._eps(x, t, x0_fn(self.eps_fn), [x0_fn(g) for g in self.guide_fns])
         x0 = x0_c
-        if x0_u is not None or x0_g is not None:
+        if x0_u is not None or x0_g is not None or not self._two_free():
             same = lambda v: v  # noqa: E731 - already in x̂0 space
             x0, _ = self._guide(x, (same, same), x0_c, x0_u, x0_g, w_t, guided)
         x0, _ = self._process(x0)
@@ -263,6 +316,8 @@ class GuidedDenoiser:
         if APG in used:
             eps = torch.where(rule == APG, self._apg(x, space, eps_c, eps_u, wb, on & (rule == APG)), eps)
         eps = _rescale(eps_c, eps, rows.rescale, (rule == CFG) & (wb == -1))
+        if self._two is not None:
+            eps = torch.where(bcast(rows.multi, x).bool(), self._combine(eps_c, eps_u, *self._two), eps)
         if CFGPP not in used:
             return eps, None
         pp = rule == CFGPP
@@ -270,6 +325,20 @@ class GuidedDenoiser:
         # ε_λ = ε_u + λ(ε_c − ε_u) inside the interval; a plain conditional step outside.
         eps = torch.where(pp & on, eps_u + lam * (eps_c - eps_u), torch.where(pp, eps_c, eps))
         return eps, (pp & on, eps_u)
+
+    def _two_free(self) -> bool:
+        """Whether this step's ε̂ is ε_c for every two-condition row (weights (1, 0, 0, 0))."""
+        if self._two is None:
+            return True
+        coef = self._two[1][self.rows.multi.to(self._two[1].device)]
+        return bool((coef[:, 1:] == 0).all() and (coef[:, 0] == 1).all())
+
+    @staticmethod
+    def _combine(eps_c, eps_u, no_image, coef) -> torch.Tensor:
+        """Two conditions: Σ_k weight_k · ε(subset_k) (:func:`coefficients`); ε(I,y) = ε_c, ε(I,∅) = ε_u."""
+        e01, e00 = no_image if no_image is not None else (torch.zeros_like(eps_c),) * 2
+        parts = (eps_c, eps_u, e01, e00)
+        return sum(bcast(coef[:, k], eps_c) * p for k, p in enumerate(parts))
 
     def _apg(self, x, space, eps_c, eps_u, wb, on) -> torch.Tensor:
         """Adaptive projected guidance (Sadat et al. 2024) in x̂0 space; ``on``: guided APG rows."""

@@ -31,7 +31,10 @@ from pydantic_core import PydanticCustomError
 RULES = ("cfg", "cfg++", "apg", "cfg_zero_star", "autoguidance")
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 SOLVERS = ("ddim", "dpm++2m")
-RULE_PARAMS = {"cfg++": ("lam",), "apg": ("apg_beta", "apg_r", "apg_eta")}  # parameters only that rule reads
+# Parameters only that rule reads (a model with an image condition: its scale and how the two combine).
+RULE_PARAMS = {"cfg++": ("lam",), "apg": ("apg_beta", "apg_r", "apg_eta"), "cfg": ("image_scale", "combine")}
+COMBINES = ("sequential", "independent")
+IMAGE_SCALE_RANGE = (0.0, 100.0)
 SPACINGS = ("leading", "trailing", "linspace", "logsnr")
 # Per solver, the spacing used when none is given (measured: README, "Solvers").
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++2m": "logsnr"}
@@ -98,6 +101,12 @@ class Guidance(BaseModel):
                                                                      "quantile p in [0.5, 1] of its absolute values (replaces clip); null: off")
     guide: Optional[str] = Field(None, max_length=1024, description="autoguidance: the guiding checkpoint (Serve: a configured "
                                                    "checkpoint name)")
+    image_scale: float = _field(1.0, *IMAGE_SCALE_RANGE, description="a model with an image condition: the image's "
+                                "guidance scale s_I (1: condition on it without guiding; 0: ignore it); rule cfg")
+    combine: Literal[COMBINES] = Field(  # type: ignore[valid-type]
+        "sequential", description="a model with an image condition: sequential (InstructPix2Pix, image first: "
+                                  "ε(∅,∅) + s_I(ε(I,∅) − ε(∅,∅)) + s(ε(I,y) − ε(I,∅))) or independent (Composable "
+                                  "Diffusion: ε(∅,∅) + s_I(ε(I,∅) − ε(∅,∅)) + s(ε(∅,y) − ε(∅,∅))); s = 1 + w")
 
     @model_validator(mode="before")
     @classmethod
@@ -132,15 +141,27 @@ class Guidance(BaseModel):
             raise _bad("guide", "guide (the guiding checkpoint) is required with rule 'autoguidance' and only there")
         if self.rule == "cfg++" and (self.weight_schedule != "constant" or self.rescale > 0):
             raise _bad("rule", "cfg++ takes lam, not a weight schedule or rescale")
+        if self.multi and self.rule != "cfg":
+            raise _bad("image_scale", f"guidance over two conditions (image_scale != 1 or combine 'independent') "
+                                      f"is a cfg rule; rule {self.rule!r} guides the one condition y", self.image_scale)
+        if self.multi and self.rescale > 0:
+            raise _bad("rescale", "rescale matches ε̂ to ε(I,y); guidance over two conditions does not compose with it")
         return self
+
+    @property
+    def multi(self) -> bool:
+        """Whether this row guides two conditions (an image and y), not y alone."""
+        return self.image_scale != 1.0 or self.combine != "sequential"
 
 
 MAX_PROMPT_CHARS = 1000  # as a training caption (cfgd.data.shards.MAX_CAPTION_CHARS); tokens are capped too
 MAX_EMBEDDING_VALUES = 1 << 20  # an embedding's L·D; a checkpoint's own shape is checked when the row meets it
+MAX_IMAGE_BYTES = 16 << 20  # a conditioning image's PNG; its size and channels are checked against the checkpoint
 
 
 class Condition(BaseModel):
-    """One row's condition y: a class label, a prompt (and a negative prompt), or an embedding.
+    """One row's condition y: a class label, a prompt (and a negative prompt), or an embedding;
+    and, for a model with an image condition, the conditioning image.
 
     Which one a row needs is the checkpoint's (cfgd.sampling.row_conditions checks it). A
     negative prompt takes ∅'s place in ε_u (docs/guidance.md); "" is ∅ itself.
@@ -158,6 +179,9 @@ class Condition(BaseModel):
     embedding: Annotated[Optional[tuple[float, ...]], BeforeValidator(_as_tuple)] = Field(
         None, max_length=MAX_EMBEDDING_VALUES, description="a precomputed condition vector, flat (L·D float32 "
                                                            "values of the checkpoint's shape; an embedding model)")
+    image: Optional[bytes] = Field(None, max_length=MAX_IMAGE_BYTES,
+                                   description="a conditioning image, PNG bytes of the checkpoint's size and channels "
+                                               "(a model with an image condition; besides the row's y); null: ∅")
 
     @model_validator(mode="after")
     def _one(self) -> "Condition":
@@ -254,6 +278,15 @@ class SamplingPlan(BaseModel):
         for g in self.rows:
             if g.interval is not None and g.interval[1] > T:
                 raise PlanError("interval", f"must lie within 1..T={T}", list(g.interval))
+
+    def check_image(self, has_image: bool) -> None:
+        """Rows that guide an image condition need a model that has one. Raises PlanError."""
+        if not has_image:
+            for g in self.rows:
+                if g.multi:
+                    field = "image_scale" if g.image_scale != 1.0 else "combine"
+                    raise PlanError(field, "this checkpoint has no image condition (leave image_scale at 1 and "
+                                           "combine sequential)", getattr(g, field))
 
 
 _UNSET = object()

@@ -175,14 +175,16 @@ SOLVER_FNS: dict[str, Callable] = {"ddim": ddim, "dpm++2m": dpm_solver_pp_2m}
 @torch.inference_mode()
 def sample(eps_fn: EpsFn, schedule: Schedule, cond: Cond, seeds: Sequence[int], shape: Sequence[int],
            plan: SamplingPlan, null_label: int | None = None, guides: Mapping[str, EpsFn] | None = None,
-           device: str | torch.device = "cpu", progress: bool = False, uncond: Cond | None = None) -> torch.Tensor:
+           device: str | torch.device = "cpu", progress: bool = False, uncond: Cond | None = None,
+           no_image: tuple[Cond, Cond] | None = None) -> torch.Tensor:
     """Sample x_0 from x_T ~ N(0, I) as ``plan`` says.
 
     cond: each row's condition y, (B,) int64 class labels or a mapping of (B, …) tensors
     (cfgd.diffusion.conditions); seeds: B ints, one per sample; shape: (C, H, W); plan: B
     rows (cfgd.diffusion.plan). A row that uses ε_u evaluates it with ``uncond`` (∅ or a
     negative prompt per row; for labels, ``null_label`` gives it). ``guides`` maps each
-    autoguidance row's ``guide`` to its network's eps_fn.
+    autoguidance row's ``guide`` to its network's eps_fn. ``no_image``: a model with an image
+    condition, (y, ε_u's condition) with the image's ∅, for rows guiding both (GuidedDenoiser).
     Returns x_0: (B, C, H, W) float32 on ``device``.
     """
     B = cond_ops.rows(cond)
@@ -198,7 +200,9 @@ def sample(eps_fn: EpsFn, schedule: Schedule, cond: Cond, seeds: Sequence[int], 
         raise ValueError(f"need one unconditional condition per row: {B} rows, {cond_ops.rows(uncond)} given")
     else:
         uncond = cond_ops.to(uncond, device)
-    denoise = GuidedDenoiser(eps_fn, schedule, cond, plan, uncond, guides)
+    if no_image is not None:
+        no_image = (cond_ops.to(no_image[0], device), cond_ops.to(no_image[1], device))
+    denoise = GuidedDenoiser(eps_fn, schedule, cond, plan, uncond, guides, no_image)
     ts = ddim_timesteps(schedule.T, plan.solver.steps, plan.solver.spacing, schedule.alphas_cumprod)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = seeded_noise(generators, shape).to(device)

@@ -20,6 +20,11 @@ embedding     {"embedding": (B, L, D) float,              a learned (L, D) vecto
 The text encoder prepends a learned start token that is never masked, so "" still has
 one key to attend to (cross-attention over no keys is undefined) and its output is the
 pooled vector (like BERT's [CLS]).
+
+A model may also take a conditioning image (ModelSpec.cond_channels > 0; SR3, Palette):
+raw y is then {"y": the condition above, "image": (B, c, h, w) float in [-1, 1],
+"image_null": (B,) bool}, and its encoded form adds "image" (B, c + 1, H, W), the extra
+input channels of :func:`image_input`; its ∅ is zeros with a presence channel of 0.
 """
 
 from __future__ import annotations
@@ -100,6 +105,40 @@ class CrossAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=c["mask"][:, None, None, :])
         # contiguous: proj's weight gradient then has DDP's bucket strides (see unet.Attention).
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W).contiguous())
+
+
+def image_input(image: torch.Tensor, null: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The conditioning image as extra input channels: (B, c, h, w) in [-1, 1] and null (B,) bool →
+    (B, c + 1, H, W): the image resized to the sample's size (bilinear; as it is when the
+    sizes match) and zeroed where null, then a presence channel, 1 where given, 0 for ∅."""
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    on = (~null).to(image.dtype).reshape(-1, 1, 1, 1)
+    return torch.cat([image * on, on.expand(-1, 1, *size)], dim=1)
+
+
+def drop_conditions(y, p_uncond: float, spec: ModelSpec, generator: torch.Generator | None = None,
+                    p_image: float = 0.0, p_both: float = 0.0):
+    """Condition dropout of a model with an image condition (InstructPix2Pix): per row, one of
+    three exclusive events: both conditions → ∅ (p_both), y alone (p_uncond), the image alone
+    (p_image); otherwise both are kept. Without an image, :func:`drop_condition`."""
+    if not spec.has_image:
+        return drop_condition(y, p_uncond, spec, generator)
+    B, device = y["image"].shape[0], y["image"].device
+    u = torch.rand(B, generator=generator, device=device)
+    both = u < p_both
+    primary = both | ((u >= p_both) & (u < p_both + p_uncond))
+    image = both | ((u >= p_both + p_uncond) & (u < p_both + p_uncond + p_image))
+    return {"y": null_rows(y["y"], primary, spec), "image": y["image"], "image_null": y["image_null"] | image}
+
+
+def null_rows(y, drop: torch.Tensor, spec: ModelSpec):
+    """y with the rows where ``drop`` (B,) bool is true replaced by ∅ (module docstring)."""
+    if spec.condition == "label":
+        return torch.where(drop, torch.full_like(y, spec.null_label), y)
+    if spec.condition == "text":
+        return {"tokens": torch.where(drop[:, None], torch.zeros_like(y["tokens"]), y["tokens"])}
+    return {"embedding": y["embedding"], "null": y.get("null", torch.zeros_like(drop)) | drop}
 
 
 def drop_condition(y, p_uncond: float, spec: ModelSpec, generator: torch.Generator | None = None):

@@ -5,8 +5,9 @@ the low resolutions. The condition y enters as a vector added to the timestep
 embedding: for labels a class table of ``num_classes + 1`` rows (the last is the
 learned null condition ∅); for text and embeddings the pooled output of their encoder
 (cfgd.model.conditioning), whose tokens the UNet also reads with cross-attention
-wherever it has self-attention. The network knows nothing of diffusion: it maps
-(x_t, t, y) to a tensor shaped like x_t.
+wherever it has self-attention. A conditioning image, when the model has one, enters as
+extra input channels (cfgd.model.conditioning.image_input). The network knows nothing of
+diffusion: it maps (x_t, t, y) to a tensor shaped like x_t.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfgd.model.conditioning import CrossAttention, build_condition, is_encoded
+from cfgd.model.conditioning import CrossAttention, build_condition, image_input, is_encoded
 from cfgd.spec import MODEL_SIZES, ModelSpec
 
 
@@ -105,7 +106,8 @@ class UNet(nn.Module):
             self.class_emb = nn.Embedding(spec.null_label + 1, emb_dim)
         cross = (lambda c: [CrossAttention(c, size.text_width, g, size.heads)]) if self.cond is not None \
             else (lambda c: [])
-        self.inp = nn.Conv2d(spec.in_channels, ch, 3, padding=1)
+        extra = spec.cond_channels + 1 if spec.has_image else 0  # the conditioning image and its presence
+        self.inp = nn.Conv2d(spec.in_channels + extra, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
         skips, cur = [ch], ch
@@ -151,7 +153,16 @@ class UNet(nn.Module):
         return h
 
     def encode(self, y) -> dict:
-        """The raw condition y → {"pooled" (B, E), and for text/embeddings "context", "mask"}."""
+        """The raw condition y → {"pooled" (B, E), for text/embeddings "context", "mask", and
+        with an image condition "image" (B, c + 1, H, W)}."""
+        if self.spec.has_image:
+            size = (self.spec.image_size, self.spec.image_size)
+            return {**self.encode_y(y["y"]),
+                    "image": image_input(y["image"], y["image_null"], size)}
+        return self.encode_y(y)
+
+    def encode_y(self, y) -> dict:
+        """y alone (a model with an image condition: without the image) → its encoded form."""
         if self.cond is None:
             return {"pooled": self.class_emb(y)}
         return self.cond(y)
@@ -159,6 +170,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
         c = y if is_encoded(y) else self.encode(y)
         emb = self.time_mlp(timestep_embedding(t, self.inp.out_channels)) + c["pooled"].to(x.dtype)
+        if "image" in c:
+            x = torch.cat([x, c["image"].to(x.dtype)], dim=1)
         H, W = x.shape[-2:]
         pad_h, pad_w = -H % self.multiple, -W % self.multiple
         if pad_h or pad_w:

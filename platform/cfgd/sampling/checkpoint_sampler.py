@@ -167,12 +167,14 @@ class CheckpointSampler:
         rows = [as_condition(c) for c in conditions]
         check_kind(self.checkpoint, rows)
         plan.check(self.timesteps)
+        plan.check_image(self.checkpoint.spec.has_image)
         guide_fns = self.guide_fns(plan, guides)
         schedule, eps_fn, n = self.schedule(), self.eps_fn(), len(rows)
         outs = []
         for lo in range(0, n, batch_size):
             hi = min(n, lo + batch_size)
-            cond, uncond = encode_rows(self.checkpoint, self.model, rows[lo:hi], self.device)
+            cond, uncond, no_image = encode_rows(self.checkpoint, self.model, rows[lo:hi], self.device)
             outs.append(sample(eps_fn, schedule, cond, list(seeds)[lo:hi], self.shape, plan.select(lo, hi),
-                               guides=guide_fns, device=self.device, progress=progress, uncond=uncond).cpu())
+                               guides=guide_fns, device=self.device, progress=progress, uncond=uncond,
+                               no_image=no_image).cpu())
         return torch.cat(outs)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from cfgd.data import tokenizer as tokenizers
+from cfgd.data.images import decode_png, uint8_to_unit
 from cfgd.data.tokenizer import CaptionTokenizer
 from cfgd.diffusion import conditions as cond_ops
 from cfgd.diffusion.conditions import Cond
 from cfgd.diffusion.plan import Condition
 from cfgd.io.checkpoint import Checkpoint
+from cfgd.model.conditioning import image_input
 
 KIND_FIELD = {"label": "label", "text": "prompt", "embedding": "embedding"}
 
@@ -56,14 +59,54 @@ def check_kind(ck: Checkpoint, rows: Sequence[Condition]) -> None:
             raise ValueError(f"label[{i}]: a class label is required by this checkpoint")
         if kind == "label" and not r.label < ck.spec.num_classes:
             raise ValueError(f"label[{i}]={r.label}: class labels are in [0, {ck.spec.num_classes})")
+        if r.image is not None and not ck.spec.has_image:
+            raise ValueError(f"image[{i}]: this checkpoint has no image condition")
 
 
 def encode_rows(ck: Checkpoint, model: torch.nn.Module, rows: Sequence[Condition],
-                device: torch.device) -> tuple[Cond, Cond]:
-    """(y, ε_u's condition) of every row, on ``device``: class ids and null labels, or the
-    model's encoded conditions (cfgd.model.conditioning) of the prompts and negative
-    prompts (∅ for none) or of the embeddings (the learned null for ε_u and rows without one).
+                device: torch.device) -> tuple[Cond, Cond, tuple[Cond, Cond] | None]:
+    """(y, ε_u's condition, the two without the image) of every row, on ``device``.
+
+    y and ε_u's condition: class ids and null labels, or the model's encoded conditions
+    (cfgd.model.conditioning) of the prompts and negative prompts (∅ for none) or of the
+    embeddings (the learned null for ε_u and rows without one). A model with an image
+    condition: both encoded, with the row's image (∅ where it has none), and the third
+    item the same pair with the image's ∅ (guidance over two conditions); else None.
     ``rows`` have passed :func:`check_kind` (CheckpointSampler.sample checks them all first)."""
+    y, u = _encode_y(ck, model, rows, device)
+    if not ck.spec.has_image:
+        return y, u, None
+    with torch.inference_mode():
+        if not isinstance(y, dict):  # labels: encoded here, like the other kinds
+            y, u = model.encode_y(y), model.encode_y(u)
+        image, null = decode_images(ck, rows)
+        size = (ck.spec.image_size, ck.spec.image_size)
+        given = image_input(image.to(device), null.to(device), size)
+        absent = image_input(image.to(device), torch.ones_like(null).to(device), size)
+    return {**y, "image": given}, {**u, "image": given}, ({**y, "image": absent}, {**u, "image": absent})
+
+
+def decode_images(ck: Checkpoint, rows: Sequence[Condition]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's conditioning image as float (B, c, h, w) in [-1, 1] (zeros where none) and
+    null (B,) bool; ValueError naming ``image[i]`` for a PNG that is not the checkpoint's size."""
+    spec = ck.spec
+    want = (spec.cond_height, spec.cond_width, spec.cond_channels)
+    out = np.zeros((len(rows), *want), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        if r.image is None:
+            continue
+        try:
+            arr = decode_png(r.image)
+        except ValueError as err:
+            raise ValueError(f"image[{i}]: {err}") from None
+        if arr.shape != want:
+            raise ValueError(f"image[{i}] decodes to (h, w, c) = {arr.shape}; this checkpoint takes {want}")
+        out[i] = arr
+    return torch.from_numpy(uint8_to_unit(out)), torch.tensor([r.image is None for r in rows])
+
+
+def _encode_y(ck: Checkpoint, model: torch.nn.Module, rows: Sequence[Condition], device: torch.device) -> tuple:
+    """(y, ε_u's condition) without any image: class ids, or encoded prompts / embeddings."""
     spec, B = ck.spec, len(rows)
     if spec.condition == "label":
         y = torch.tensor([r.label for r in rows], dtype=torch.long, device=device)
@@ -88,6 +131,6 @@ def encode_rows(ck: Checkpoint, model: torch.nn.Module, rows: Sequence[Condition
                "null": torch.cat([null, torch.ones(B, dtype=torch.bool)]).to(device)}
         inverse = torch.arange(2 * B)
     with torch.inference_mode():
-        encoded = model.encode(raw)
+        encoded = model.encode_y(raw)
     inverse = inverse.to(device)
     return cond_ops.take(encoded, inverse[:B]), cond_ops.take(encoded, inverse[B:])

@@ -16,7 +16,7 @@ class RowPadded(torch.nn.Module):
     and inside a batch (up to 1e-2; torch 2.13 CPU, measured). Every batch of >= 16 rows
     gave bit-identical rows, so padding makes an image's bytes independent of what it
     was batched with. Pad rows copy row 0's timestep and condition; their output is dropped.
-    The text or embedding encoder (``encode``) is padded the same way.
+    The condition encoders (``encode``, ``encode_y``) are padded the same way.
     """
 
     def __init__(self, net: torch.nn.Module, multiple: int):
@@ -28,9 +28,19 @@ class RowPadded(torch.nn.Module):
         return cond_ops.cat([y, cond_ops.take(y, torch.zeros(pad, dtype=torch.long, device=_device(y)))])
 
     def encode(self, y) -> dict:
+        return self._padded(self.net.encode, y)
+
+    def encode_y(self, y) -> dict:
+        return self._padded(self.net.encode_y, y)
+
+    @property
+    def spec(self):
+        return self.net.spec
+
+    def _padded(self, fn, y) -> dict:
         B = cond_ops.rows(y)
         pad = -B % self.multiple
-        out = self.net.encode(self._pad_rows(y, pad) if pad else y)
+        out = fn(self._pad_rows(y, pad) if pad else y)
         return cond_ops.take(out, slice(0, B))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y) -> torch.Tensor:
@@ -48,4 +58,4 @@ class RowPadded(torch.nn.Module):
 
 def _device(y) -> torch.device:
     """The device of a condition (a tensor or a mapping of tensors)."""
-    return y.device if isinstance(y, torch.Tensor) else next(iter(y.values())).device
+    return y.device if isinstance(y, torch.Tensor) else _device(next(iter(y.values())))
