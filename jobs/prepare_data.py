@@ -5,7 +5,8 @@
 
 Sources: fashion_mnist (Debian package dataset-fashion-mnist), idx (a directory of
 MNIST-format files), folder (one subfolder per class), npz (x_train, y_train,
-x_test, y_test). Existing shards are kept unless data.overwrite=true.
+x_test, y_test). Existing shards are kept unless data.overwrite=true. data.captions=attributes
+adds captions, data.image_condition=low_res|masked a conditioning image made from each image.
 """
 
 import time
@@ -18,9 +19,12 @@ if __name__ == "__main__":
         d = cfg.data
         t0 = time.perf_counter()
         try:
+            image_condition = ({"transform": "low_res", "factor": d.low_res_factor} if d.image_condition == "low_res"
+                               else {"transform": "masked", "keep": d.mask_keep} if d.image_condition == "masked"
+                               else None)
             metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction,
                             d.overwrite, storage=cfg.storage, captions=d.captions,
-                            caption_holdout=d.caption_holdout)
+                            caption_holdout=d.caption_holdout, image_condition=image_condition)
         except (ValueError, FileNotFoundError) as err:
             fail(err)
         for split, m in metas.items():

@@ -6,7 +6,8 @@
 A text-conditioned checkpoint takes prompts instead of classes, and optionally a
 negative prompt: 'sample.prompts=[a dark dress,a light bag]' sample.negative_prompt=dark
 An embedding-conditioned one takes rows of a data set with an embedding column (image
-variations): sample.embeddings=outputs/data/fashion_mnist_embedded 'sample.embedding_rows=[0,1,2]'
+variations): sample.data_root=outputs/data/fashion_mnist_embedded 'sample.data_rows=[0,1,2]';
+an image-conditioned one the rows' labels and conditioning images (sample.image_scale: s_I).
 
 
 sample.checkpoint is a checkpoint directory or a run directory (its newest
@@ -56,8 +57,8 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
     ws = [g.w for g in columns]
     rule = columns[0].rule
     what = {"label": f"classes {[k for k, _ in grid_rows]}", "text": f"{len(grid_rows)} prompt(s)",
-            "embedding": f"{len(grid_rows)} embedding(s) of {sc.embeddings}/{sc.embedding_split}"}[
-        gen.checkpoint.spec.condition]
+            "embedding": f"{len(grid_rows)} row(s) of {sc.data_root}/{sc.data_split}"}[
+        "embedding" if sc.data_root else gen.checkpoint.spec.condition]
     print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
           f"{len(labels)} samples: {what} × w {ws} × {sc.per_cell}, rule {rule}, "
           f"{solver.steps} {solver.name} steps, eta {solver.eta}"
@@ -87,18 +88,24 @@ def grid_conditions(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOp
                     ) -> tuple[list[tuple[int, object]], list[str], dict]:
     """The grid's rows: (key, condition), row names, and what samples.npz adds about them. A
     label model's rows are classes (key = class, as ``labels`` in samples.npz), a text model's
-    the prompts and an embedding model's the embeddings of chosen data rows (key = row index)."""
-    kind = gen.checkpoint.spec.condition
+    the prompts; an embedding model's, and an image-conditioned model's, chosen rows of a data
+    set (``sample.data_root``: their embeddings, or their labels and conditioning images; key
+    = the row's position)."""
+    spec = gen.checkpoint.spec
+    kind = "image" if spec.has_image else spec.condition
+    if kind == "image" and spec.condition != "label":
+        raise ValueError(f"jobs/sample.py samples image-conditioned label models; this one's y is {spec.condition}")
     given = {"classes": sc.classes, "prompts": sc.prompts, "negative_prompt": sc.negative_prompt,
-             "embeddings": sc.embeddings, "embedding_rows": sc.embedding_rows}
-    own = {"label": ("classes",), "text": ("prompts", "negative_prompt"), "embedding": ("embeddings",
-                                                                                        "embedding_rows")}[kind]
+             "data_root": sc.data_root, "data_rows": sc.data_rows}
+    own = {"label": ("classes",), "text": ("prompts", "negative_prompt"), "embedding": ("data_root", "data_rows"),
+           "image": ("data_root", "data_rows")}[kind]
     if kind == "text" and not sc.prompts:
         raise ValueError("sample.prompts is required: this checkpoint is conditioned on text "
                          "(e.g. 'sample.prompts=[a dark dress,a light bag]')")
-    if kind == "embedding" and not sc.embeddings:
-        raise ValueError("sample.embeddings is required: this checkpoint is conditioned on embeddings; give the "
-                         "shards that hold them (jobs/embed.py's out, e.g. outputs/data/fashion_mnist_embedded)")
+    if kind in ("embedding", "image") and not sc.data_root:
+        what = "embeddings" if kind == "embedding" else "conditioning images"
+        raise ValueError(f"sample.data_root is required: this checkpoint is conditioned on {what}; give the data "
+                         f"set whose rows hold them (e.g. outputs/data/fashion_mnist_embedded)")
     for key, value in given.items():
         if value and key not in own:
             raise ValueError(f"sample.{key}: this checkpoint is conditioned on {kind} (give sample.{own[0]})")
@@ -106,32 +113,42 @@ def grid_conditions(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOp
         neg = sc.negative_prompt or None
         rows = [(i, Condition(prompt=p, negative_prompt=neg)) for i, p in enumerate(sc.prompts)]
         return rows, list(sc.prompts), {"negative_prompt": np.asarray(sc.negative_prompt)}
-    if kind == "embedding":
-        return embedding_rows(sc, gen, storage)
+    if kind in ("embedding", "image"):
+        return data_rows(sc, gen, storage)
     classes = list(sc.classes) or list(range(gen.num_classes))
     names = gen.checkpoint.label_names
     return [(c, c) for c in classes], [names[c] for c in classes], {}
 
 
-def embedding_rows(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOptions | None
-                   ) -> tuple[list[tuple[int, object]], list[str], dict]:
-    """An embedding model's grid rows: the embeddings of rows ``sc.embedding_rows`` of
-    ``sc.embeddings``/``sc.embedding_split`` (their images go to samples.npz as ``sources``)."""
-    picked = list(sc.embedding_rows) or list(range(8))
+def data_rows(sc: SampleConfig, gen: CheckpointSampler, storage: StorageOptions | None
+              ) -> tuple[list[tuple[int, object]], list[str], dict]:
+    """Grid rows from rows ``sc.data_rows`` of ``sc.data_root``/``sc.data_split``: their
+    embeddings (an embedding model) or their labels and conditioning images (an image model).
+    samples.npz gets the rows' indices (``data_rows``) and their images (``sources``)."""
+    picked = list(sc.data_rows) or list(range(8))
     try:
-        data = read_rows(sc.embeddings, sc.embedding_split, picked, storage)
+        data = read_rows(sc.data_root, sc.data_split, picked, storage)
     except (IndexError, FileNotFoundError) as err:
-        raise ValueError(f"sample.embedding_rows / sample.embeddings: {err}") from None
-    spec = gen.checkpoint.spec
+        raise ValueError(f"sample.data_rows / sample.data_root: {err}") from None
+    spec, names = gen.checkpoint.spec, gen.checkpoint.label_names
+    extra = {"data_rows": np.asarray(picked), "sources": to_uint8(torch.from_numpy(data["image"]))}
+    row_names = [f"{sc.data_split}[{r}] {names[c]}" for r, c in zip(picked, data["label"])]
+    if spec.has_image:
+        want = (spec.cond_channels, spec.cond_height, spec.cond_width)
+        if "cond_image" not in data or tuple(data["cond_image"].shape[1:]) != want:
+            got = tuple(data["cond_image"].shape[1:]) if "cond_image" in data else "no cond_image column"
+            raise ValueError(f"sample.data_root={sc.data_root!r}: the checkpoint takes conditioning images of "
+                             f"(c, h, w) = {want}; {sc.data_split} has {got}")
+        rows = [(i, Condition(label=int(c), image=bytes(png))) for i, (c, png) in enumerate(zip(data["label"],
+                                                                                               data["cond_png"]))]
+        return rows, row_names, {**extra, "cond_images": to_uint8(torch.from_numpy(data["cond_image"]))}
     want = (spec.embedding_tokens, spec.embedding_dim)
     if "embedding" not in data or tuple(data["embedding"].shape[1:]) != want:
         got = tuple(data["embedding"].shape[1:]) if "embedding" in data else "no embedding column"
-        raise ValueError(f"sample.embeddings={sc.embeddings!r}: the checkpoint takes embeddings of (tokens, dim) "
-                         f"= {want}; {sc.embedding_split} has {got}")
-    names = gen.checkpoint.label_names
+        raise ValueError(f"sample.data_root={sc.data_root!r}: the checkpoint takes embeddings of (tokens, dim) "
+                         f"= {want}; {sc.data_split} has {got}")
     rows = [(i, Condition(embedding=tuple(e.reshape(-1).tolist()))) for i, e in enumerate(data["embedding"])]
-    row_names = [f"{sc.embedding_split}[{r}] {names[c]}" for r, c in zip(picked, data["label"])]
-    return rows, row_names, {"embedding_rows": np.asarray(picked), "sources": to_uint8(torch.from_numpy(data["image"]))}
+    return rows, row_names, extra
 
 
 if __name__ == "__main__":

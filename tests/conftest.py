@@ -55,7 +55,7 @@ TIERS = {
     "test_artifact": {"s3", "slow"}, "test_data": {"ray", "slow"}, "test_evaluate": {"s3", "slow"},
     "test_fid_inception": {"ray", "slow"}, "test_resume": {"s3", "slow"}, "test_storage": {"s3", "slow"},
     "test_storage_faults": {"s3", "ray", "slow"}, "test_s3_pipeline": {"s3", "ray", "slow"},
-    "test_sweep": {"ray", "slow"}, "test_train_ray": {"ray", "slow"}, "test_text_train": {"ray", "slow"}, "test_embed": {"ray", "slow"}, "test_train_eval": {"ray", "slow"},
+    "test_sweep": {"ray", "slow"}, "test_train_ray": {"ray", "slow"}, "test_text_train": {"ray", "slow"}, "test_embed": {"ray", "slow"}, "test_image_train": {"ray", "slow"}, "test_train_eval": {"ray", "slow"},
     "test_failures": {"ray", "slow"}, "test_cluster": {"ray", "slow"}, "test_manifests": {"serve", "slow"},
     "test_serve": {"serve", "ray", "s3", "slow"}, "test_serve_cli": {"serve", "slow"},
     "test_output": {"ray", "slow"}, "test_docs": {"slow"},

@@ -81,19 +81,19 @@ def test_embed_job_writes_every_row_resumes_after_a_kill_and_trains(ray_local, t
     # jobs/sample.py: a grid of variations of chosen rows, conditioned on their embeddings.
     def sample(*keys):
         return subprocess.run(_cmd("sample.py", f"sample.checkpoint={runs / 'emb'}", "sample.steps=2",
-                                   "sample.per_cell=1", "sample.embedding_split=test", *keys),
+                                   "sample.per_cell=1", "sample.data_split=test", *keys),
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
 
-    done = sample(f"sample.embeddings={out}", "sample.embedding_rows=[5,0]", f"sample.out={tmp_path / 's'}")
+    done = sample(f"sample.data_root={out}", "sample.data_rows=[5,0]", f"sample.out={tmp_path / 's'}")
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     npz = np.load(tmp_path / "s" / "samples.npz")
     test_images, _, _ = load_split(str(out), "test")
-    assert list(npz["embedding_rows"]) == [5, 0] and npz["images"].shape == (2 * 3, 8, 8, 1)  # 2 rows × 3 w
+    assert list(npz["data_rows"]) == [5, 0] and npz["images"].shape == (2 * 3, 8, 8, 1)  # 2 rows × 3 w
     assert (npz["sources"] == to_uint8(test_images[[5, 0]])).all()
-    no_column = sample(f"sample.embeddings={data}")
-    assert no_column.returncode != 0 and "sample.embeddings" in no_column.stderr and "no embedding column" in \
+    no_column = sample(f"sample.data_root={data}")
+    assert no_column.returncode != 0 and "sample.data_root" in no_column.stderr and "no embedding column" in \
         no_column.stderr
-    past_end = sample(f"sample.embeddings={out}", "sample.embedding_rows=[100]")
+    past_end = sample(f"sample.data_root={out}", "sample.data_rows=[100]")
     assert past_end.returncode != 0 and "rows [100]" in past_end.stderr
     wrong_kind = sample("sample.prompts=[a 3]")
     assert wrong_kind.returncode != 0 and "sample.prompts" in wrong_kind.stderr

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cfgd.checks import Rule, check, one_of
+from cfgd.data.image_condition import KEEP as MASK_KEEP, TRANSFORMS as IMAGE_TRANSFORMS
 from cfgd.data.sources import CAPTION_SOURCES, SOURCES
 from cfgd.diffusion.plan import (FIELDS, RENAMED, SOLVERS, W_RANGE, Guidance, PlanError, Solver, field_default,
                                  field_info, plan_row, strength_columns)
@@ -43,6 +44,12 @@ class DataConfig:
     # measured from its pixels (cfgd.data.captions), "Class:level" combinations in caption_holdout never written.
     captions: str = ""
     caption_holdout: list[str] = field(default_factory=list)
+    # A conditioning image per row (a `cond_image` column, cfgd.data.image_condition), made from the
+    # image itself: "" = none; low_res = downsampled low_res_factor× (super-resolution); masked = the
+    # mask_keep half kept, the rest blanked, plus the mask (completion).
+    image_condition: str = ""
+    low_res_factor: int = 4
+    mask_keep: str = "top"
 
 
 @dataclass
@@ -51,6 +58,8 @@ class ModelConfig:
     # What y is: label (the class), text (the caption column, tokenized with the data set's
     # tokenizer.json; a text encoder is trained with the UNet) or embedding (the embedding column).
     condition: str = "label"
+    # Also condition on the data set's cond_image column (a second condition, with its own ∅).
+    image_condition: bool = False
 
 
 @dataclass
@@ -58,6 +67,10 @@ class DiffusionConfig:
     schedule: str = "cosine"  # noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal)
     timesteps: int = 1000  # T, the number of diffusion timesteps
     p_uncond: float = 0.1  # probability that a training condition is replaced by the null condition ∅
+    # With model.image_condition, three exclusive events per row (InstructPix2Pix used 5 % each):
+    # y alone → ∅ (p_uncond), the image alone → ∅ (p_uncond_image), both → ∅ (p_uncond_both).
+    p_uncond_image: float = 0.05
+    p_uncond_both: float = 0.05
     parameterization: str = "v"  # what the network predicts: eps | v | x0 (cfgd.spec.PARAMETERIZATIONS)
     zero_terminal_snr: bool = False  # rescale the schedule to ᾱ_T = 0 (Lin et al. 2023); needs v or x0
 
@@ -137,11 +150,12 @@ class SampleJob:
     classes: list[int] = field(default_factory=list)  # [] = every class (a label model)
     prompts: list[str] = field(default_factory=list)  # a text model: one grid row per prompt
     negative_prompt: str = ""  # a text model: what ε_u is evaluated with in place of ∅ ("" = ∅)
-    # An embedding model: shards with an embedding column (jobs/embed.py's out; path or s3://),
-    # and which rows of which split condition the grid's rows ([] = the first 8).
-    embeddings: str = ""
-    embedding_split: str = "test"
-    embedding_rows: list[int] = field(default_factory=list)
+    # An embedding or image-conditioned model: a data set whose rows condition the grid's rows
+    # (their embeddings — jobs/embed.py's out —, or their labels and cond_image; path or s3://),
+    # its split, and which rows ([] = the first 8).
+    data_root: str = ""
+    data_split: str = "test"
+    data_rows: list[int] = field(default_factory=list)
     # The grid's guidance strengths, one column group each (paper form); neither this nor
     # guidance_scale: [0, 1, 3] (DEFAULT_GRID_W).
     w: Optional[list[float]] = None
@@ -189,7 +203,18 @@ def validate(cfg: Config) -> Config:
         Rule("train.eval_every", tr.eval_every, tr.eval_every == 0 or cfg.model.condition == "label",
              "0 with model.condition != 'label' (evaluation during training samples by class; score a text "
              "or embedding model with bench/conditions.py)"),
+        Rule("train.eval_every", tr.eval_every, tr.eval_every == 0 or not cfg.model.image_condition,
+             "0 with model.image_condition (evaluation during training samples by class alone; score an "
+             "image-conditioned model with bench/image_conditions.py)"),
+        one_of("data.image_condition", d.image_condition, ("",) + IMAGE_TRANSFORMS),
+        Rule("data.low_res_factor", d.low_res_factor, d.low_res_factor >= 2, ">= 2 (and dividing the image size)"),
+        one_of("data.mask_keep", d.mask_keep, MASK_KEEP),
         Rule("diffusion.p_uncond", t.p_uncond, 0.0 <= t.p_uncond <= 1.0, "in [0, 1]"),
+        Rule("diffusion.p_uncond_image", t.p_uncond_image, 0.0 <= t.p_uncond_image <= 1.0, "in [0, 1]"),
+        Rule("diffusion.p_uncond_both", t.p_uncond_both, 0.0 <= t.p_uncond_both <= 1.0, "in [0, 1]"),
+        Rule("diffusion.p_uncond", t.p_uncond, not cfg.model.image_condition
+             or t.p_uncond + t.p_uncond_image + t.p_uncond_both <= 1.0,
+             "such that p_uncond + p_uncond_image + p_uncond_both <= 1 (three exclusive events per row)"),
         Rule("diffusion.timesteps", t.timesteps, 1 <= t.timesteps <= MAX_TIMESTEPS, f"in [1, {MAX_TIMESTEPS}]"),
         one_of("diffusion.parameterization", t.parameterization, PARAMETERIZATIONS),
         # ᾱ_T = 0 makes x_T pure noise: an ε-prediction says nothing about x0 there.

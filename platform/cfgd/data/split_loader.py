@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from cfgd.data import tokenizer as tokenizers
 from cfgd.data.embedding_column import EMBEDDING, embedding_array
+from cfgd.data.image_condition import COND_IMAGE, cond_image_array
 from cfgd.data.images import decode_png, uint8_to_unit
 from cfgd.data.shards import DatasetMeta, read_split_meta
 from cfgd.io.storage import StorageOptions, fsspec_fs
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 
 def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer: str | None = None,
-                 embedding_shape: tuple[int, int] | None = None) -> dict:
+                 embedding_shape: tuple[int, int] | None = None,
+                 cond_image_shape: tuple[int, int, int] | None = None) -> dict:
     """Decode a Ray Data numpy batch of PNG rows into model-ready arrays.
 
     Args:
@@ -39,10 +41,12 @@ def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer:
         height, width, channels: expected decoded image shape (H, W, C).
         tokenizer: a caption tokenizer's JSON (cfgd.data.tokenizer): captions become token ids.
         embedding_shape: (L, D) of the ``embedding`` column, to read it.
+        cond_image_shape: (h, w, c) of the ``cond_image`` column, to decode it.
 
     Returns:
         {"image": float32 (B, C, H, W) in [-1, 1], "label": int64 (B,)}, with a
-        tokenizer "tokens": int64 (B, L), with an embedding shape "embedding": float32 (B, L, D).
+        tokenizer "tokens": int64 (B, L), with an embedding shape "embedding": float32 (B, L, D),
+        with a conditioning image's shape "cond_image": float32 (B, c, h, w) in [-1, 1].
     """
     images = batch["image"]
     paths = batch.get("path")
@@ -66,6 +70,9 @@ def decode_batch(batch: dict, height: int, width: int, channels: int, tokenizer:
         decoded["tokens"] = tokenizers.cached(tokenizer).encode([str(c) for c in batch["caption"]], field="caption").ids
     if embedding_shape is not None:
         decoded["embedding"] = embedding_array(batch["embedding"], tuple(embedding_shape))
+    if cond_image_shape is not None:
+        where = str(paths[0]) if paths is not None else "<unknown file>"
+        decoded["cond_image"] = cond_image_array(batch[COND_IMAGE], tuple(cond_image_shape), where)
     return decoded
 
 
@@ -102,7 +109,8 @@ def read_rows(root: str, split: str, rows: list[int], storage_options: StorageOp
     only the shards holding them are read. IndexError naming a row past the end.
 
     Returns {"image": float32 (n, C, H, W) in [-1, 1], "label": int64 (n,), "meta": DatasetMeta},
-    plus "embedding": float32 (n, L, D) when the split has that column.
+    plus "embedding": float32 (n, L, D) when the split has that column, and "cond_image":
+    float32 (n, c, h, w) with "cond_png" (its PNG bytes) when it has conditioning images.
     """
     fs = fsspec_fs(root, storage_options)
     meta = read_split_meta(root, split, filesystem=fs)
@@ -110,7 +118,9 @@ def read_rows(root: str, split: str, rows: list[int], storage_options: StorageOp
     if bad:
         raise IndexError(f"rows {bad} are outside {root}/{split}'s [0, {meta.num_rows})")
     shape = meta.conditions.get(EMBEDDING, {}).get("shape")
-    columns = ["image", "label"] + ([EMBEDDING] if shape else [])
+    cond = meta.conditions.get(COND_IMAGE)
+    cond_shape = (cond["height"], cond["width"], cond["channels"]) if cond else None
+    columns = ["image", "label"] + ([EMBEDDING] if shape else []) + ([COND_IMAGE] if cond else [])
     found: dict[int, dict] = {}
     start = 0
     for path in meta.files:
@@ -122,7 +132,9 @@ def read_rows(root: str, split: str, rows: list[int], storage_options: StorageOp
                 table = pq.ParquetFile(f).read(columns=columns).take(local)
             batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in columns}
             out = decode_batch(batch, meta.height, meta.width, meta.channels,
-                               embedding_shape=tuple(shape) if shape else None)
+                               embedding_shape=tuple(shape) if shape else None, cond_image_shape=cond_shape)
+            if cond:  # the conditioning images' own bytes too: a plan row carries its image as PNG
+                out["cond_png"] = np.asarray(batch[COND_IMAGE])
             for i, r in enumerate(r + start for r in local):
                 found[r] = {k: v[i] for k, v in out.items()}
         start += n

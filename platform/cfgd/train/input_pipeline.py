@@ -29,12 +29,14 @@ def read_dataset(
     seed: int | None = None,
     tokenizer: str | None = None,
     embedding_shape: tuple[int, int] | None = None,
+    cond_image_shape: tuple[int, int, int] | None = None,
 ):
     """Lazy Ray Dataset of decoded rows of ``<root>/<split>``.
 
     Rows are {"image": float32 (C, H, W) in [-1, 1], "label": int64} and, given a
     tokenizer's JSON, "tokens": int64 (L,) of the row's caption; given an embedding shape,
-    "embedding": float32 (L, D); decoding
+    "embedding": float32 (L, D); given a conditioning image's (h, w, c), "cond_image":
+    float32 (c, h, w); decoding
     happens in map_batches because Ray cannot hand binary columns to
     iter_torch_batches. The shard files are read in a shuffled order, a new one for
     each epoch (``seed`` makes the sequence of orders repeatable); consumers mix rows
@@ -55,6 +57,6 @@ def read_dataset(
     return ds.map_batches(
         decode_batch,
         fn_kwargs={"height": meta.height, "width": meta.width, "channels": meta.channels, "tokenizer": tokenizer,
-                   "embedding_shape": embedding_shape},
+                   "embedding_shape": embedding_shape, "cond_image_shape": cond_image_shape},
         batch_format="numpy",
     )

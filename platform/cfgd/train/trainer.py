@@ -55,9 +55,20 @@ def _condition_data(cfg: cfglib.Config, meta, opts) -> dict:
     caption column and the tokenizer (its JSON: workers tokenize with it and every checkpoint
     carries it); for embeddings, the column and its shape. Returns the ``loop_config["data"]``
     entries and read_dataset's keywords; raises ConfigError naming the key and what to do."""
+    out = {}
+    if cfg.model.image_condition:
+        from cfgd.data.image_condition import COND_IMAGE, cond_image_shape
+
+        if COND_IMAGE not in meta.conditions:
+            raise cfglib.ConfigError(f"model.image_condition=true needs a 'cond_image' column in {cfg.data.root}, "
+                                     f"which has {['label', *meta.conditions]}; prepare it with "
+                                     f"data.image_condition=low_res or masked")
+        desc = meta.conditions[COND_IMAGE]
+        out["cond_image_shape"] = list(cond_image_shape(desc, cfg.data.root))
+        log(f"conditioning images: {desc.get('transform', '?')} {out['cond_image_shape']} (h, w, c)")
     cond = cfg.model.condition
     if cond == "label":
-        return {}
+        return out
     column = "caption" if cond == "text" else cond
     if column not in meta.conditions:
         raise cfglib.ConfigError(
@@ -67,14 +78,14 @@ def _condition_data(cfg: cfglib.Config, meta, opts) -> dict:
     if cond == "embedding":
         shape = list(meta.conditions["embedding"]["shape"])
         log(f"embeddings: {shape[0]}×{shape[1]} per image, from {meta.conditions['embedding'].get('encoder', '?')}")
-        return {"embedding_shape": shape}
+        return {**out, "embedding_shape": shape}
     from cfgd.data.tokenizer import TOKENIZER_FILE, CaptionTokenizer
 
     uri = f"{cfg.data.root.rstrip('/')}/{TOKENIZER_FILE}"
     text = transfers.read_bytes(uri, opts).decode()
     tok = CaptionTokenizer.from_json(text)
     log(f"captions: tokenizer {uri} ({tok.vocab_size} tokens, at most {tok.max_tokens} per caption)")
-    return {"tokenizer": text}
+    return {**out, "tokenizer": text}
 
 
 def run_dir(tc: cfglib.TrainConfig) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from cfgd import config as cfglib
 from cfgd.diffusion.process import make_schedule, training_loss
-from cfgd.model.conditioning import drop_condition
+from cfgd.model.conditioning import drop_conditions
 from cfgd.model.unet import build_model, count_params
 from cfgd.spec import ModelSpec
 from cfgd.train import checkpoint_eval
@@ -115,7 +115,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 data_wait += time.perf_counter() - t_wait
             batches += 1
             x0 = batch["image"]
-            y = drop_condition(condition_of(batch, spec.condition), cfg.diffusion.p_uncond, spec, gen)
+            d = cfg.diffusion
+            y = drop_conditions(condition_of(batch, spec), d.p_uncond, spec, gen, d.p_uncond_image, d.p_uncond_both)
             for group in opt.param_groups:
                 group["lr"] = learning_rate(tc, step)
             with autocast:
@@ -165,12 +166,23 @@ def model_spec(cfg: cfglib.Config, data: dict) -> ModelSpec:
         extra = {"vocab_size": tok.vocab_size, "max_tokens": tok.max_tokens}
     elif cfg.model.condition == "embedding":
         extra = {"embedding_tokens": data["embedding_shape"][0], "embedding_dim": data["embedding_shape"][1]}
+    if data.get("cond_image_shape"):
+        h, w, c = data["cond_image_shape"]
+        extra.update(cond_channels=c, cond_height=h, cond_width=w)
     return ModelSpec(size=cfg.model.size, image_size=data["height"], in_channels=data["channels"],
                      num_classes=len(data["class_names"]), condition=cfg.model.condition, **extra)
 
 
-def condition_of(batch: dict, kind: str):
-    """A training batch's raw condition y for a model of ``kind`` (cfgd.model.conditioning)."""
+def condition_of(batch: dict, spec: ModelSpec):
+    """A training batch's raw condition y for the model of ``spec`` (cfgd.model.conditioning)."""
+    y = _condition_y(batch, spec.condition)
+    if not spec.has_image:
+        return y
+    image = batch["cond_image"]
+    return {"y": y, "image": image, "image_null": torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)}
+
+
+def _condition_y(batch: dict, kind: str):
     if kind == "label":
         return batch["label"]
     if kind == "text":
