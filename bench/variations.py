@@ -19,8 +19,8 @@ Judged twice, in two feature spaces:
     .venv/bin/python bench/variations.py --checkpoint outputs/runs/fashion_mnist_variations \\
         --w 0 1 3 5 --sources 100 --per-source 4
 
-Writes <out>/results.json, <out>/table.md and <out>/grid.png (rows = sources: the source,
-then one sample per w).
+Writes <out>/results.json, <out>/table.md and <out>/grid.png (rows = a source of each of 8
+classes: the source, then its seed-0 sample at each w).
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def pick_sources(labels: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray,
     classes = np.unique(labels)
     per = n // len(classes)
     return np.concatenate([held[labels[held] == c][:per] for c in classes]), held
+
+
+def spread(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the first row of each of the first n classes present (a grid of one per class)."""
+    return np.array([int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)[:n]])
 
 
 def baselines(feats: np.ndarray, labels: np.ndarray, sources: np.ndarray, pool: np.ndarray,
@@ -111,7 +116,8 @@ def main() -> None:
                "baseline_cosine": {k: baselines(real[k].features, labels, sources, pool, np.random.default_rng(0))
                                    for k in judges},
                "floor": {k: r.floor(n) for k, r in reals.items()}, "w": {}}
-    grid = [to_uint8(torch.from_numpy(data["image"][:8]))]
+    show = spread(data["label"], 8)  # grid rows: one source of each of 8 classes
+    grid = [to_uint8(torch.from_numpy(data["image"][show]))]
     for w in args.w:
         t0 = time.perf_counter()
         plan = SamplingPlan(solver=Solver(name="dpm++2m", steps=args.steps), rows=(Guidance(w=w),) * n)
@@ -125,7 +131,7 @@ def main() -> None:
                       "class_agreement": float((emb.probs.argmax(1) == want).mean()),
                       **{key: m[key] for key in ("fid", "fid_std", "precision", "recall")}}
         results["w"][f"{w:g}"] = row
-        grid.append(to_uint8(imgs[::args.per_source][:8]))
+        grid.append(to_uint8(imgs[::args.per_source][show]))
         e, j = row["evaluator"], row["judge"]
         print(f"[variations] w={w:g}: cosine to source {e['cosine_to_source']:.3f}/{j['cosine_to_source']:.3f}, "
               f"class agreement {e['class_agreement']:.3f}/{j['class_agreement']:.3f}, FID {e['fid']:.2f}/"
@@ -133,7 +139,7 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     # Rows = the first 8 sources; columns = the source, then each w (seed 0).
     tiles = np.stack(grid, 1).reshape(-1, *grid[0].shape[1:])
-    labelled_grid(tiles, [gen.checkpoint.label_names[c] for c in data["label"][:8]], 1 + len(args.w),
+    labelled_grid(tiles, [gen.checkpoint.label_names[c] for c in data["label"][show]], 1 + len(args.w),
                   col_labels=["source"] + [f"w = {w:g}" for w in args.w], per_cell=1, zoom=3).save(out / "grid.png")
     (out / "table.md").write_text(table(results))
     print(table(results))

@@ -24,7 +24,7 @@ from cfgd import serving
 from cfgd.data.images import decode_png
 from cfgd.data.sources import FASHION_MNIST_CLASSES
 from cfgd.io import storage, transfers
-from builders import tiny_text_checkpoint, tiny_checkpoint
+from builders import tiny_image_checkpoint, tiny_text_checkpoint, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -51,7 +51,7 @@ def _free_port() -> int:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-ckpts")
     return {"a": _tiny_checkpoint(root / "a", 1), "b": _tiny_checkpoint(root / "b", 2),
-            "text": str(tiny_text_checkpoint(root / "text", 3))}
+            "text": str(tiny_text_checkpoint(root / "text", 3)), "sr": str(tiny_image_checkpoint(root / "sr", 4))}
 
 
 def _settings(checkpoints, s3, **over):
@@ -800,6 +800,42 @@ def test_bulk_jobs_take_prompts_for_a_text_checkpoint(server, s3):
     for req, field, words in bad:
         r = _post(server, "/bulk", req)
         assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
+
+
+def test_conditioning_images_over_http_sample_and_a_bad_image_corpus_is_422_naming_the_field(server):
+    import numpy as np
+
+    from cfgd.data.images import PNG_MODES, encode_png
+
+    def b64(arr):
+        return base64.b64encode(encode_png(arr, PNG_MODES)).decode()
+
+    img = np.random.default_rng(1).integers(0, 256, (2, 2, 1), dtype=np.uint8)
+    body = {"checkpoint": "sr", "class_label": 3, "image": b64(img), "w": 1.0, "image_scale": 2.0, "seed": 2,
+            "steps": 3, "num_images": 2}
+    r = _post(server, "/generate", body)
+    got = _images(r)
+    assert r.json()["image_bytes"] > 0 and _images(_post(server, "/generate", body)) == got
+    assert _images(_post(server, "/generate", {**body, "image_scale": 1.0})) != got
+    assert _images(_post(server, "/generate", {k: v for k, v in body.items() if k != "image"})) != got  # ∅ image
+    png = base64.b64decode(body["image"])
+    bad = [({**body, "image": "not base64!"}, "image", "not base64"),
+           ({**body, "image": base64.b64encode(png[:len(png) // 2]).decode()}, "image", "does not decode"),
+           ({**body, "image": base64.b64encode(b"GIF89a" + bytes(20)).decode()}, "image", "does not decode"),
+           ({**body, "image": b64(np.zeros((2, 2, 3), np.uint8))}, "image", "(2, 2, 3)"),
+           ({**body, "image": b64(np.zeros((1, 1, 1), np.uint8))}, "image", "(1, 1, 1)"),
+           ({**body, "image": b64(np.zeros((64, 64, 1), np.uint8))}, "image", "(64, 64, 1)"),
+           ({**body, "image": base64.b64encode(bytes(40_000)).decode()}, "image", "the limit is 32768"),
+           ({**body, "image": 5}, "image", "string"),
+           ({**body, "rule": "apg"}, "image_scale", "cfg rule"),
+           ({"class_label": 3, "image": body["image"], "steps": 2}, "image", "no image condition"),
+           ({"class_label": 3, "image_scale": 2.0, "steps": 2}, "image_scale", "no image condition"),
+           ({"class_label": 3, "combine": "independent", "steps": 2}, "combine", "no image condition")]
+    for req, field, words in bad:
+        r = _post(server, "/generate", req)
+        assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
+    huge = _post(server, "/generate", {**body, "image": "A" * 100_000_000}, timeout=120)
+    assert huge.status_code == 413
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):

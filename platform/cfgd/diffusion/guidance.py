@@ -107,7 +107,7 @@ class Rows:
 
 def coefficients(rows: Rows, t: int) -> torch.Tensor:
     """The two-condition rows' ε̂ as a sum over condition subsets at t: (B, 4) float64, the
-    weights of ε(I,y), ε(I,∅), ε(∅,y), ε(∅,∅) (docs/guidance-methods.md, "Two conditions").
+    weights of ε(I,y), ε(I,∅), ε(∅,y), ε(∅,∅) (docs/guidance.md, "Two conditions").
 
     With s = 1 + w_t and s_I = 1 + (image_scale − 1)·g(u) (the row's schedule and interval
     apply to both strengths; outside the interval s = s_I = 1, so ε̂ = ε(I,y)):

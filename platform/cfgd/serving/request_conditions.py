@@ -5,7 +5,9 @@ class_name; text: prompt, optionally negative_prompt; embedding: embedding); the
 are refused, naming them. Prompts are tokenized here with the checkpoint's tokenizer, so
 too long a prompt is a 422 before any sampling; unknown words are the tokenizer's
 ``[UNK]`` and are counted in the response. An embedding arrives as a JSON list or base64
-float32, and must have the checkpoint's tokens × dim values, all finite.
+float32, and must have the checkpoint's tokens × dim values, all finite. A conditioning
+image (a model with an image condition) arrives as base64 PNG of the checkpoint's size and
+channels, within the server's byte limit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cfgd.data.images import decode_png
 from cfgd.diffusion.plan import Condition
 from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.sampling.row_conditions import tokenizer_of
@@ -35,15 +38,49 @@ class RequestCondition:
     def describe(self) -> dict:
         """What a response says about its condition."""
         c = self.condition
+        image = {} if c.image is None else {"image_bytes": len(c.image)}
         if c.label is not None:
-            return {"label": c.label, "class_name": self.class_name}
+            return {"label": c.label, "class_name": self.class_name, **image}
         if c.prompt is not None:
-            return {"prompt": c.prompt, "negative_prompt": c.negative_prompt, "unknown_words": self.unknown_words}
-        return {"embedding_values": len(c.embedding or ())}
+            return {"prompt": c.prompt, "negative_prompt": c.negative_prompt, "unknown_words": self.unknown_words,
+                    **image}
+        return {"embedding_values": len(c.embedding or ()), **image}
 
 
 def request_condition(req, gen: CheckpointSampler, s: ServeSettings, resolve_class) -> RequestCondition:
     """The Condition of a /generate request for ``gen``'s checkpoint; RequestError (422) naming the field."""
+    got = _condition_y(req, gen, s, resolve_class)
+    image = request_image(getattr(req, "image", None), gen, s)
+    if image is None:
+        return got
+    return RequestCondition(got.condition.model_copy(update={"image": image}), got.class_name, got.unknown_words)
+
+
+def request_image(value: str | None, gen: CheckpointSampler, s: ServeSettings) -> bytes | None:
+    """A request's base64 PNG conditioning image → its bytes, checked against the checkpoint's
+    size and channels; RequestError (422) naming ``image``."""
+    if value is None:
+        return None
+    spec = gen.checkpoint.spec
+    if not spec.has_image:
+        raise RequestError(422, "image", "this checkpoint has no image condition")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "image", "image is not base64") from None
+    if len(raw) > s.max_image_bytes:
+        raise RequestError(422, "image", f"image has {len(raw)} bytes; the limit is {s.max_image_bytes}")
+    try:
+        arr = decode_png(raw)
+    except ValueError as err:
+        raise RequestError(422, "image", f"image does not decode: {err}") from None
+    want = (spec.cond_height, spec.cond_width, spec.cond_channels)
+    if arr.shape != want:
+        raise RequestError(422, "image", f"image decodes to (h, w, c) = {arr.shape}; this checkpoint takes {want}")
+    return raw
+
+
+def _condition_y(req, gen: CheckpointSampler, s: ServeSettings, resolve_class) -> RequestCondition:
     spec = gen.checkpoint.spec
     kind = spec.condition
     for other, names in _FIELDS.items():

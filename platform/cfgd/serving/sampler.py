@@ -77,7 +77,7 @@ def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings) -> t
     return classes, None
 
 
-def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None,
+def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None = None, has_image: bool = False,
                  **override) -> tuple[Solver, Guidance]:
     """A request's plan fields → (Solver, Guidance): the request edge of cfgd.diffusion.plan.
 
@@ -89,6 +89,7 @@ def _plan_fields(req: BaseModel, s: ServeSettings, T: int, solver: Solver | None
     values["steps"] = _check_steps(values["steps"], s, T)
     try:
         solver, g = plan_row(values, default_w=s.default_w, solver=solver)
+        SamplingPlan(solver=solver, rows=(g,)).check_image(has_image)
     except PlanError as err:
         raise RequestError(422, err.field, str(err)) from None
     if g.rule != "cfg++" and not s.w_min <= g.w <= s.w_max:
@@ -188,7 +189,7 @@ class SamplerCore:
             raise RequestError(422, "num_images", f"num_images {req.num_images} is over the limit {s.max_images}")
         if req.seed + req.num_images - 1 > MAX_SEED:
             raise RequestError(422, "seed", f"seed + num_images - 1 must be <= {MAX_SEED}")
-        solver, guidance = _plan_fields(req, s, gen.timesteps)
+        solver, guidance = _plan_fields(req, s, gen.timesteps, has_image=gen.checkpoint.spec.has_image)
         return SampleSpec(gen=gen, checkpoint=name, condition=cond,
                           seeds=[req.seed + i for i in range(req.num_images)], solver=solver, guidance=guidance,
                           guides=self._guide(gen, guidance), format=req.format)
@@ -285,7 +286,8 @@ class SamplerCore:
             raise RequestError(422, "w", "w is empty")
         solver, rows = None, []
         for strength in columns:
-            solver, g = _plan_fields(req, s, gen.timesteps, solver=solver, **strength)
+            solver, g = _plan_fields(req, s, gen.timesteps, solver=solver, has_image=gen.checkpoint.spec.has_image,
+                                     **strength)
             rows.append(g)
         guides = self._guide(gen, rows[0])
         total = sum(counts) * len(rows)

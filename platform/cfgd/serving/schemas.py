@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints, ValidationError,
                       create_model, model_validator)
 
-from cfgd.diffusion.plan import FIELDS, MAX_PROMPT_CHARS, RENAMED, Condition, edge_field, field_info
+from cfgd.diffusion.plan import (FIELDS, MAX_IMAGE_BYTES, MAX_PROMPT_CHARS, RENAMED, Condition, edge_field,
+                                 field_info)
 
 MAX_SEED = 2**63 - 1
 # Caps on what one request may carry, so no field can make the server allocate or loop
@@ -103,7 +104,7 @@ PlanFields = create_model(
 
 class ConditionFields(_Strict):
     """The condition of a request's images: which one is needed is the checkpoint's
-    (``condition`` in GET /checkpoints): a class (label models), a prompt (text models) or an
+    (``condition`` in its model spec, meta.json): a class (label models), a prompt (text models) or an
     embedding (embedding models)."""
 
     class_label: Optional[StrictInt] = Field(None, ge=0, le=2**31, description="class index; or give class_name")
@@ -114,6 +115,9 @@ class ConditionFields(_Strict):
                               Annotated[str, StringConstraints(max_length=4 * MAX_EMBEDDING_JSON)]]] = Field(
         None, description="the condition vector, flat (tokens × dim of the checkpoint): a list of numbers, or "
                           "base64 of little-endian float32")
+    image: Optional[Annotated[str, StringConstraints(max_length=4 * MAX_IMAGE_BYTES // 3 + 4)]] = Field(
+        None, description="a conditioning image (a model with an image condition, besides y): base64 PNG of the "
+                          "checkpoint's size and channels (its model spec: cond_height, cond_width, cond_channels); null: ∅")
 
 
 class GenerateRequest(PlanFields, ConditionFields):

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from cfgd.checks import Rule, check
-from cfgd.diffusion.plan import first_error
+from cfgd.diffusion.plan import MAX_IMAGE_BYTES, first_error
 from cfgd.io import storage
 from cfgd.io.storage import StorageOptions
 
@@ -38,6 +38,7 @@ class ServeSettings(BaseModel):
     max_steps: int = 250  # also capped by the checkpoint's T
     max_prompt_chars: int = 300  # prompt / negative_prompt length (tokens are capped by the checkpoint)
     max_embedding_values: int = 4096  # an embedding's values (also fixed by the checkpoint's tokens × dim)
+    max_image_bytes: int = 32_768  # a conditioning image's PNG (size and channels: the checkpoint's); bodies are capped at 64 KiB
     default_steps: int = 50
     max_batch_size: int = 8  # requests merged by @serve.batch (<= max_ongoing_requests)
     batch_wait_timeout_s: float = 0.05
@@ -89,6 +90,8 @@ class ServeSettings(BaseModel):
             Rule("max_steps", self.max_steps, self.max_steps >= 1, ">= 1"),
             Rule("max_prompt_chars", self.max_prompt_chars, self.max_prompt_chars >= 1, ">= 1"),
             Rule("max_embedding_values", self.max_embedding_values, self.max_embedding_values >= 1, ">= 1"),
+            Rule("max_image_bytes", self.max_image_bytes, 1 <= self.max_image_bytes <= MAX_IMAGE_BYTES,
+                 f"in [1, {MAX_IMAGE_BYTES}]"),
             Rule("default_steps", self.default_steps, 1 <= self.default_steps <= self.max_steps, "in [1, max_steps]"),
             Rule("max_batch_size", self.max_batch_size, self.max_batch_size >= 1, ">= 1"),
             Rule("batch_wait_timeout_s", self.batch_wait_timeout_s, self.batch_wait_timeout_s >= 0, ">= 0"),

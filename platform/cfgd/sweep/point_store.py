@@ -75,6 +75,7 @@ class CheckpointInfo:
     condition: str = "label"  # what the network is conditioned on (ModelSpec.condition)
     label_names: tuple[str, ...] = ()
     tokenizer_json: str | None = None  # a text checkpoint's tokenizer
+    has_image: bool = False  # conditioned on an image too
 
 
 def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
@@ -85,7 +86,8 @@ def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> Checkpoint
                           step=ck.step, num_classes=ck.spec.num_classes, shape=ck.shape, timesteps=ck.timesteps,
                           alphas_cumprod=ck.schedule().alphas_cumprod, data_root=ck.data_root,
                           condition=ck.spec.condition, label_names=tuple(ck.label_names),
-                          tokenizer_json=ck.tokenizer_json if ck.spec.condition == "text" else None)
+                          tokenizer_json=ck.tokenizer_json if ck.spec.condition == "text" else None,
+                          has_image=ck.spec.has_image)
 
 
 def point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator, data_root: str) -> dict:

@@ -152,6 +152,9 @@ def check_conditions(uri: str, info: CheckpointInfo, points: list[GridPoint]) ->
     for a text checkpoint (tokenized here, every class's, before anything is sampled), labels
     for a label checkpoint."""
     prompted = [p for p in points if p.prompt is not None]
+    if info.has_image:
+        raise ConfigError(f"checkpoint {uri} is conditioned on an image too; a sweep samples by class alone, so "
+                          "measure it with bench/image_conditions.py (s_I × w grid, consistency, accuracy, FID)")
     if info.condition == "label":
         if prompted:
             raise ConfigError(f"prompt: checkpoint {uri} is conditioned on class labels, not text (drop prompt)")
