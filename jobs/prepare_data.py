@@ -12,7 +12,8 @@ adds captions, data.image_condition=low_res|masked a conditioning image made fro
 import time
 
 from cfgd.cli import fail, job
-from cfgd.data.shards import prepare, read_captions
+from cfgd.data.prepare import prepare
+from cfgd.data.shards import read_captions
 
 if __name__ == "__main__":
     with job(__doc__, "prepare_data", sections=("data", "storage")) as cfg:

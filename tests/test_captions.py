@@ -3,6 +3,7 @@ caption column: the attribute judge on images whose attributes are known by cons
 held-out combinations never written, the column and its metadata round-tripped, bad
 captions refused naming the row."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 from cfgd.config import ConfigError, load_config
 from cfgd.data.attributes import ATTRIBUTES, fit_thresholds, levels, measure
 from cfgd.data.captions import SYNONYMS, class_word, parse_holdout, write_captions
-from cfgd.data.shards import MAX_CAPTION_CHARS, prepare, read_split_meta, write_shards
+from cfgd.data.prepare import prepare
+from cfgd.data.shards import MAX_CAPTION_CHARS, read_split_meta, write_shards
 from builders import digits_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +159,7 @@ def test_prepare_writes_attribute_captions_and_rewrites_when_asked_otherwise(tmp
 
 
 def test_caption_settings_are_checked_naming_the_key():
-    with pytest.raises(ConfigError, match=r"data\.captions='pixels' is not valid; it must be one of \['', 'attributes'\]"):
+    with pytest.raises(ConfigError, match=r"data\.captions='pixels' is not valid; it must be one of \['', 'attributes', 'file'\]"):
         load_config(None, ["data.captions=pixels"])
     with pytest.raises(ConfigError, match=r"data\.caption_holdout=\['Dress:dark'\] is not valid"):
         load_config(None, ["data.caption_holdout=[Dress:dark]"])
@@ -220,3 +222,54 @@ def test_prepare_job_writes_the_tokenizer_of_the_training_captions(tmp_path):
     enc = tok.encode(read_captions(str(out), "train"))
     assert enc.unknown.sum() == 0 and (enc.lengths > 0).all()  # every training word is in the vocabulary
     assert tok.encode(read_captions(str(out), "test")).unknown.sum() == 0  # same templates and classes
+
+
+def _folder(root: Path, n_per_class: int = 3) -> list[str]:
+    """An image folder of two classes, 8x8 grayscale PNGs; returns the images' relative paths."""
+    from PIL import Image
+
+    rels = []
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(np.full((8, 8), 40 * c + 10 * i, np.uint8), mode="L").save(root / name / f"{i}.png")
+            rels.append(f"{name}/{i}.png")
+    return rels
+
+
+def test_an_image_folder_brings_its_own_captions_in_csv_or_jsonl(tmp_path):
+    import json
+
+    src = tmp_path / "src"
+    rels = _folder(src)
+    lines = ["path,caption"] + [f'{r},"a {r.split("/")[0]}, number {r[-5]}"' for r in rels]
+    (src / "captions.csv").write_text("\n".join(lines) + "\n")
+    metas = prepare("folder", str(src), str(tmp_path / "data"), test_fraction=0.34, captions="file")
+    assert metas["train"].conditions["caption"] == {"source": "file", "file": "captions.csv", "holdout": []}
+    table = pq.read_table(metas["train"].files[0]).to_pylist() + pq.read_table(metas["test"].files[0]).to_pylist()
+    names = ["cat", "dog"]
+    assert sorted(r["caption"] for r in table) == sorted(f"a {r.split('/')[0]}, number {r[-5]}" for r in rels)
+    assert all(r["caption"].startswith(f"a {names[r['label']]}") for r in table)  # each row its own image's
+
+    (src / "captions.csv").unlink()
+    rows = [{"path": r, "caption": f"a {r}"} for r in rels]
+    bad_cases = [
+        (rows[:-1], "no caption for image 'dog/2.png'"),
+        (rows + [{"path": "cow/0.png", "caption": "a cow"}], "a caption for 'cow/0.png', which is not an image"),
+        (rows[:1] + [{"path": rels[0], "caption": "again"}] + rows[1:], "line 2: a second caption for 'cat/0.png'"),
+        ([{**rows[0], "caption": " "}] + rows[1:], "line 1: caption is empty"),
+        ([{**rows[0], "caption": 7}] + rows[1:], "line 1: caption 7 is int, not a string"),
+        ([{**rows[0], "caption": "x" * (MAX_CAPTION_CHARS + 1)}] + rows[1:], "line 1: caption has 1001 characters"),
+    ]
+    for content, words in bad_cases:
+        (src / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in content) + "\n")
+        with pytest.raises(ValueError, match=re.escape(words)):
+            prepare("folder", str(src), str(tmp_path / "bad"), test_fraction=0.34, captions="file", overwrite=True)
+    (src / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"captions.jsonl: line 7: not JSON"):
+        prepare("folder", str(src), str(tmp_path / "bad"), test_fraction=0.34, captions="file", overwrite=True)
+    (src / "captions.csv").write_text("file,text\n")
+    with pytest.raises(ValueError, match=r"exactly one of \['captions.csv', 'captions.jsonl'\]"):
+        prepare("folder", str(src), str(tmp_path / "bad"), test_fraction=0.34, captions="file", overwrite=True)
+    with pytest.raises(ValueError, match="data.source=folder"):
+        prepare("npz", str(src), str(tmp_path / "bad"), captions="file")

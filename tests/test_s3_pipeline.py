@@ -103,7 +103,7 @@ def test_object_store_restart_during_training(s3, ray_local, digits_npz, tmp_pat
     import json
     import threading
 
-    from cfgd.data.shards import prepare
+    from cfgd.data.prepare import prepare
 
     opts = s3.storage_options()
     prepare("npz", str(digits_npz), f"{BUCKET}/restart-data", rows_per_shard=500, storage=opts)

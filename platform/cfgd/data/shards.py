@@ -14,7 +14,7 @@ metadata key ``b"cfgd"`` holds JSON::
 label with what describes it (for captions measured from pixels: the attribute
 thresholds and held-out combinations, cfgd.data.captions).
 
-Here: the writer (:func:`write_shards`, :func:`prepare` from a source), the
+Here: the writer (:func:`write_shards`; from a source: cfgd.data.prepare), the
 footer-only metadata read and cross-check (:func:`read_split_meta` → :class:`DatasetMeta`)
 and the label check (:func:`validate_labels`). Reading rows is :mod:`cfgd.data.split_loader`
 (in-process) and :mod:`cfgd.train.input_pipeline` (Ray Data).
@@ -33,10 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfgd.data.embedding_column import EMBEDDING, embedding_shape, is_embedding_type
-from cfgd.data.image_condition import COND_IMAGE, cond_image_shape, make_cond_images
+from cfgd.data.image_condition import COND_IMAGE, cond_image_shape
 from cfgd.data.images import MODE_FOR_CHANNELS, PNG_MODES, encode_png
-from cfgd.data.sources import SPLITS, check_labels, load_image_folder, load_source
-from cfgd.io.access import check_access
+from cfgd.data.sources import check_labels
 from cfgd.io.atomic import staged_dir
 from cfgd.io.storage import StorageOptions, fsspec_fs
 
@@ -368,65 +367,3 @@ def read_captions(root: str, split: str, storage: StorageOptions | None = None) 
 
 
 # ---------------------------------------------------------------- from a source
-
-
-def _same_image_condition(meta: DatasetMeta, image_condition: dict | None) -> bool:
-    """Whether existing shards carry the conditioning images asked for (the same transform)."""
-    have = meta.conditions.get(COND_IMAGE)
-    if not image_condition:
-        return have is None
-    return have is not None and all(have.get(k) == v for k, v in image_condition.items())
-
-
-def _same_captions(meta: DatasetMeta, captions: str, holdout) -> bool:
-    """Whether existing shards carry the captions asked for (none, or the same source and holdout)."""
-    have = meta.conditions.get("caption")
-    if not captions:
-        return have is None
-    return have is not None and have.get("source") == captions and have.get("holdout") == list(holdout)
-
-
-def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int = 10000,
-            test_fraction: float = 0.1, overwrite: bool = False,
-            storage: StorageOptions | None = None, captions: str = "",
-            caption_holdout: list[str] = (), image_condition: dict | None = None) -> dict[str, DatasetMeta]:
-    """Convert a source into train/test Parquet shards under ``root``; returns each split's meta.
-
-    ``captions="attributes"`` adds a caption per image written from its measured
-    attributes (:func:`cfgd.data.captions.attribute_captions`), never the
-    ``caption_holdout`` combinations. ``image_condition`` ({"transform": "low_res", "factor": 4}
-    or {"transform": "masked", "keep": "top"}) adds a ``cond_image`` column made from each
-    image (cfgd.data.image_condition).
-
-    ``root`` is a local path or an ``s3://`` URI (reached with ``storage``, a
-    StorageOptions). Splits that already exist and read back cleanly
-    are kept unless ``overwrite``, so running the job twice is cheap.
-    """
-    check_access(root, storage, write=True)  # a bad endpoint or bucket fails here, in seconds
-    fs = fsspec_fs(root, storage)
-    if not overwrite:
-        try:
-            metas = {s: read_split_meta(root, s, fs) for s in SPLITS}
-            if all(_same_captions(m, captions, caption_holdout) and _same_image_condition(m, image_condition)
-                   for m in metas.values()):
-                return metas
-        except (ValueError, FileNotFoundError):
-            pass  # missing or damaged (or captioned otherwise than asked): (re)write below
-    if source == "folder":
-        splits, names = load_image_folder(source_path or "", test_fraction=test_fraction)
-    else:
-        splits, names = load_source(source, source_path)
-    texts, conditions = ({}, None)
-    if captions:
-        from cfgd.data.captions import attribute_captions
-        texts, conditions = attribute_captions(splits, names, list(caption_holdout))
-    metas = {}
-    for split, (images, labels) in splits.items():
-        cond, declared = None, dict(conditions or {})
-        if image_condition:
-            cond, declared[COND_IMAGE] = make_cond_images(images, **image_condition)
-        write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs,
-                     captions=texts.get(split), conditions=declared, cond_images=cond)
-        metas[split] = read_split_meta(root, split, fs)
-        validate_labels(root, split, metas[split], fs)
-    return metas

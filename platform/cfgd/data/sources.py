@@ -25,7 +25,8 @@ from cfgd.data.images import MODE_FOR_CHANNELS
 
 SPLITS = ("train", "test")
 SOURCES = ("fashion_mnist", "mnist", "idx", "folder", "npz")
-CAPTION_SOURCES = ("", "attributes")  # "": no captions; cfgd.data.captions writes "attributes"
+# "": no captions; cfgd.data.captions writes "attributes"; "file": an image folder's captions.csv / .jsonl
+CAPTION_SOURCES = ("", "attributes", "file")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -285,7 +286,7 @@ def _stratified_split(
 
 
 def load_image_folder(
-    root: str, test_fraction: float = 0.1, seed: int = 0
+    root: str, test_fraction: float = 0.1, seed: int = 0, paths_out: dict | None = None
 ) -> tuple[Splits, list[str]]:
     """Load ``root/<class_name>/*.png|jpg|...`` (class names sorted).
 
@@ -295,7 +296,8 @@ def load_image_folder(
 
     Returns:
         ({"train": (uint8 (N, H, W, C), int64 (N,)), "test": ...}, class_names)
-        with C == 1 if every image is grayscale, else C == 3.
+        with C == 1 if every image is grayscale, else C == 3. ``paths_out``, if given,
+        receives each split's image paths in row order (to attach captions).
     """
     if not os.path.isdir(root):
         raise ValueError(f"image folder {root} does not exist")
@@ -324,6 +326,8 @@ def load_image_folder(
             raise ValueError(f"{root}: split {split!r} has no images; add images "
                              f"or raise test_fraction")
         splits[split] = (_load_images(paths, mode), labels)
+        if paths_out is not None:
+            paths_out[split] = list(paths)
     return splits, class_names
 
 
