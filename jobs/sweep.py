@@ -9,7 +9,9 @@ Keys are top level (see cfgd.sweep.sweep_grid.SweepConfig); ``checkpoint``, ``so
 ``steps``, ``eta``, ``interval``, ``rule`` and each rule parameter accept a list to add
 a grid dimension, e.g. 'steps=[10,25]' 'interval=[null,[1,600]]' 'rule=[cfg,apg]'. A text
 checkpoint takes prompt templates, "{class}" standing for sample i's class word (class i mod C):
-'prompt=["a {class}","a dark {class}"]' 'negative_prompt=[null,"a light {class}"]'. Object storage under ``storage.``. Rerunning with the
+'prompt=["a {class}","a dark {class}"]' 'negative_prompt=[null,"a light {class}"]'. An
+image-conditioned checkpoint samples the real split's held-out rows (class and conditioning
+image): 'image_scale=[1,2,4]' 'combine=[sequential,independent]'. Object storage under ``storage.``. Rerunning with the
 same ``out`` skips the grid points already done. Writes table.parquet/.csv,
 plot.png, grid.png and per-point results under ``out``.
 """

@@ -158,6 +158,8 @@ def test_a_text_checkpoint_sweeps_prompt_templates_and_negative_prompts(ray_loca
 
     # Conditions that do not fit the checkpoint are refused before anything is sampled.
     for bad, match in [(dict(prompt=None, negative_prompt=None), "prompt is required"),
+                       (dict(checkpoint=str(setup["root"] / "run"), prompt=None, negative_prompt=None,
+                             image_scale=2.0), "image_scale=2.0: this checkpoint has no image condition"),
                        (dict(prompt="a {class} " + "big " * 10), "prompt=.*tokens"),
                        (dict(checkpoint=str(setup["root"] / "run")), "prompt: checkpoint .* class labels")]:
         with pytest.raises(ConfigError, match=match):
@@ -166,3 +168,36 @@ def test_a_text_checkpoint_sweeps_prompt_templates_and_negative_prompts(ray_loca
                        (dict(prompt=["a {class}", 3]), "prompt=3")]:
         with pytest.raises(ConfigError, match=match):
             sweep_axes(SweepConfig(**{"checkpoint": "a", "evaluator": "e", **bad}))
+
+
+def test_an_image_checkpoint_sweeps_the_image_scale_over_held_out_real_rows(ray_local, setup, tmp_path):
+    from cfgd.data.image_condition import make_cond_images
+    from cfgd.data.shards import write_shards
+    from cfgd.diffusion.plan import Condition
+    from builders import DIGIT_NAMES, digits_uint8, tiny_image_checkpoint
+
+    image = tiny_image_checkpoint(tmp_path / "image" / "checkpoint_a")
+    x, y = digits_uint8()
+    x, y = x[:600], y[:600]
+    cond, desc = make_cond_images(x, "low_res", factor=4)
+    data = tmp_path / "sr"
+    write_shards(str(data), "test", x, y, DIGIT_NAMES, conditions={"cond_image": desc}, cond_images=cond)
+    cfg = SweepConfig(checkpoint=str(image.parent), evaluator=evaluator_path(setup), out=str(tmp_path / "s"),
+                      data_root=str(data), w=[1.0], image_scale=[1.0, 3.0], samples_per_w=10, steps=3, seed=1,
+                      chunk_size=8, num_workers=2, cpus_per_worker=0.5, grid_columns=5, progress=False)
+    gen = [r for r in run_sweep(cfg, log=lambda _: None).rows if r["kind"] == "generated"]
+    assert [(r["params"], r["rows_per_image"]) for r in gen] == [("", 2 * 3), ('{"image_scale": 3.0}', 3 * 3)]
+    rows = np.random.default_rng(1).permutation(600)[:300][:10]  # RealSplit's held-out half, seed 1
+    table = _samples(tmp_path / "s", gen[1]["point_id"])
+    assert table.column("label").to_pylist() == y[rows].tolist()
+    # A stored sample is the image sampled alone with that row's class and conditioning image.
+    from cfgd.data.images import PNG_MODES, encode_png
+
+    row = Condition(label=int(y[rows[4]]), image=encode_png(cond[rows[4]], PNG_MODES))
+    alone = CheckpointSampler.load(image).sample([row], [1 + 4], SamplingPlan(
+        solver=Solver(steps=3), rows=(Guidance(w=1.0, image_scale=3.0),)))
+    stored = decode_png(table.column("image")[4].as_py())
+    assert np.abs(to_uint8(alone)[0].astype(int) - stored.astype(int)).max() <= 1
+    with pytest.raises(ConfigError, match="no cond_image column"):
+        run_sweep(SweepConfig(**{**cfg.__dict__, "data_root": str(setup["root"] / "digits"),
+                                 "out": str(tmp_path / "s2")}), log=lambda _: None)

@@ -97,13 +97,14 @@ class RealSplit:
     held_out: Embedding
     held_out_labels: np.ndarray
     reference: Embedding
+    held_out_index: np.ndarray | None = None  # the held-out rows' positions in the split
 
     @classmethod
     def of(cls, emb: Embedding, labels: np.ndarray, seed: int = 0) -> "RealSplit":
         perm = np.random.default_rng(seed).permutation(len(emb))
         half = len(emb) // 2
         a, b = perm[:half], perm[half:]
-        return cls(emb.take(a), np.asarray(labels)[a], emb.take(b))
+        return cls(emb.take(a), np.asarray(labels)[a], emb.take(b), a)
 
     @classmethod
     def load(cls, evaluator: "Evaluator", data_root: str, split: str = "test",

@@ -76,6 +76,7 @@ class CheckpointInfo:
     label_names: tuple[str, ...] = ()
     tokenizer_json: str | None = None  # a text checkpoint's tokenizer
     has_image: bool = False  # conditioned on an image too
+    cond_shape: tuple[int, int, int] = (0, 0, 0)  # its conditioning image's (c, h, w)
 
 
 def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> CheckpointInfo:
@@ -87,7 +88,8 @@ def checkpoint_info(uri: str, opts: StorageOptions, use_ema: bool) -> Checkpoint
                           alphas_cumprod=ck.schedule().alphas_cumprod, data_root=ck.data_root,
                           condition=ck.spec.condition, label_names=tuple(ck.label_names),
                           tokenizer_json=ck.tokenizer_json if ck.spec.condition == "text" else None,
-                          has_image=ck.spec.has_image)
+                          has_image=ck.spec.has_image,
+                          cond_shape=(ck.spec.cond_channels, ck.spec.cond_height, ck.spec.cond_width))
 
 
 def point_key(p: GridPoint, ck: CheckpointInfo, cfg: SweepConfig, ev: Evaluator, data_root: str) -> dict:

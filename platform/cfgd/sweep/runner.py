@@ -3,7 +3,10 @@ its parameters, interval, checkpoint).
 
 For every grid point the sweep draws ``samples_per_w`` samples: sample i has class
 ``i mod num_classes`` and seed ``seed + i`` at *every* grid point (common random
-numbers), so two points differ only by their settings, not by their noise. Rows of
+numbers), so two points differ only by their settings, not by their noise. A text
+checkpoint's sample i gets the point's prompt template for that class; an
+image-conditioned checkpoint's sample i is conditioned on the real split's i-th held-out
+row (its class and its conditioning image; never a row of FID's reference half). Rows of
 different guidance (w, rule, parameters) share one ``CheckpointSampler.sample`` call through
 the per-row sampling plan; chunks of rows run as tasks on Ray actors that load each
 checkpoint once (:mod:`cfgd.sweep.sample_actors`). Each grid point's plan row is built once, in
@@ -34,10 +37,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
 from cfgd.config import ConfigError, masked
 from cfgd.data import tokenizer as tokenizers
+from cfgd.data.split_loader import read_rows
 from cfgd.diffusion.plan import PlanError, SamplingPlan
 from cfgd.evaluate.evaluator import Evaluator, RealSplit
 from cfgd.evaluate.fid_inception import InceptionFID, sweep_fid_inception
@@ -83,6 +88,7 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
         for p in mine:
             try:
                 SamplingPlan(solver=p.solver, rows=(p.guidance,)).check(info.timesteps)
+                SamplingPlan(solver=p.solver, rows=(p.guidance,)).check_image(info.has_image)
             except PlanError as err:
                 raise ConfigError(f"{err.field}: {err} (checkpoint {uri})") from None
     data_root = cfg.data_root or infos[checkpoints[0]].data_root
@@ -114,7 +120,9 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
         out.write(f"points/{floor_id}.json", json.dumps(floor, indent=2).encode())
 
     if missing:
-        sample_points(cfg, missing, ids, keys, infos, evaluator, real, out, log)
+        images = {info.uri: image_rows(uri, info, data_root, cfg, real) for uri, info in infos.items()
+                  if info.has_image}
+        sample_points(cfg, missing, ids, keys, infos, evaluator, real, out, log, images)
 
     rows = [{**table_row(json.loads(out.read(f"points/{ids[p]}.json")), p, infos[p.checkpoint]),
              "group": group_name(p.group)} for p in points]
@@ -147,14 +155,27 @@ def run_sweep(cfg: SweepConfig, points: list[GridPoint] | None = None,
                        seconds, paths)
 
 
+def image_rows(uri: str, info: CheckpointInfo, data_root: str, cfg: SweepConfig,
+               real: RealSplit) -> tuple[np.ndarray, list[bytes]]:
+    """An image-conditioned checkpoint's sample rows: the first ``samples_per_w`` rows of the
+    real split's held-out half (never FID's reference), their labels and conditioning images."""
+    index = real.held_out_index[:cfg.samples_per_w]
+    if len(index) < cfg.samples_per_w:
+        raise ConfigError(f"samples_per_w={cfg.samples_per_w}: checkpoint {uri} is conditioned on images, one per "
+                          f"sample from the {len(real.held_out_index)} held-out rows of {cfg.real_split}")
+    data = read_rows(data_root, cfg.real_split, [int(i) for i in index], cfg.storage)
+    if "cond_image" not in data or tuple(data["cond_image"].shape[1:]) != info.cond_shape:
+        got = tuple(data["cond_image"].shape[1:]) if "cond_image" in data else "no cond_image column"
+        raise ConfigError(f"data_root={data_root!r}: checkpoint {uri} takes conditioning images of (c, h, w) = "
+                          f"{info.cond_shape}; {cfg.real_split} has {got}")
+    return data["label"], [bytes(b) for b in data["cond_png"]]
+
+
 def check_conditions(uri: str, info: CheckpointInfo, points: list[GridPoint]) -> None:
     """ConfigError naming the key when a point's condition does not fit its checkpoint: prompts
     for a text checkpoint (tokenized here, every class's, before anything is sampled), labels
     for a label checkpoint."""
     prompted = [p for p in points if p.prompt is not None]
-    if info.has_image:
-        raise ConfigError(f"checkpoint {uri} is conditioned on an image too; a sweep samples by class alone, so "
-                          "measure it with bench/image_conditions.py (s_I × w grid, consistency, accuracy, FID)")
     if info.condition == "label":
         if prompted:
             raise ConfigError(f"prompt: checkpoint {uri} is conditioned on class labels, not text (drop prompt)")

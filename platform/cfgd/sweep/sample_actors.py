@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cfgd.data.images import to_uint8
-from cfgd.diffusion.plan import SamplingPlan
+from cfgd.diffusion.plan import Condition, SamplingPlan
 from cfgd.evaluate.evaluator import Evaluator, RealSplit
 from cfgd.evaluate.metrics import compute_metrics
 from cfgd.io.storage import StorageOptions
@@ -51,8 +51,27 @@ class SampleWorker:
         return {"task": task["id"], "images": to_uint8(images), "seconds": time.perf_counter() - t0}
 
 
+def point_rows(info: CheckpointInfo, cfg: SweepConfig, images: dict | None) -> tuple[np.ndarray, np.ndarray,
+                                                                                    list | None]:
+    """(labels, seeds, conditioning images or None) of the samples every grid point of a
+    checkpoint draws: class i mod C; an image-conditioned checkpoint's real held-out rows
+    (cfgd.sweep.runner.image_rows). Seeds are seed + i either way."""
+    labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+    if not info.has_image:
+        return labels, seeds, None
+    row_labels, pngs = images[info.uri]
+    return np.asarray(row_labels, dtype=np.int64), seeds, pngs
+
+
+def _condition(p: GridPoint, label: int, info: CheckpointInfo, png: bytes | None):
+    c = p.condition(label, info.label_names)
+    if png is None:
+        return c
+    return (c if isinstance(c, Condition) else Condition(label=c)).model_copy(update={"image": png})
+
+
 def make_tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[str, CheckpointInfo],
-           cfg: SweepConfig) -> tuple[list[dict], dict[str, dict[str, float]]]:
+           cfg: SweepConfig, images: dict | None = None) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Chunks of rows (sample-major, so each chunk mixes every missing w of its group).
 
     Returns the tasks and, per task, each point's share of its network cost (to
@@ -64,7 +83,7 @@ def make_tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[
         by_group.setdefault((p.checkpoint, p.solver), []).append(p)
     for (ck_uri, solver), points in by_group.items():
         info = infos[ck_uri]
-        labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+        labels, seeds, pngs = point_rows(info, cfg, images)
         cost_of = {p: rows_per_image(p, info.timesteps, info.alphas_cumprod) for p in points}
         rows = [(i, p) for i in range(cfg.samples_per_w) for p in points]
         for lo in range(0, len(rows), cfg.chunk_size):
@@ -77,7 +96,7 @@ def make_tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[
             shares[tid] = {k: v / total for k, v in cost.items()}
             tasks.append({
                 "id": tid, "checkpoint": info.uri,
-                "conditions": [p.condition(int(labels[i]), info.label_names) for i, p in chunk],
+                "conditions": [_condition(p, int(labels[i]), info, pngs[i] if pngs else None) for i, p in chunk],
                 "seeds": [int(seeds[i]) for i, _ in chunk],
                 "plan": SamplingPlan(solver=solver, rows=tuple(p.guidance for _, p in chunk)),
                 "rows": [(ids[p], i) for i, p in chunk],
@@ -87,12 +106,13 @@ def make_tasks(missing: list[GridPoint], ids: dict[GridPoint, str], infos: dict[
 
 def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoint, str], keys: dict[GridPoint, dict],
                    infos: dict[str, CheckpointInfo], evaluator: Evaluator, real: RealSplit, out: SweepOutput,
-                   log: Callable[[str], None]) -> None:
-    """Sample the missing points on Ray actors; evaluate and store each point as it completes."""
+                   log: Callable[[str], None], images: dict | None = None) -> None:
+    """Sample the missing points on Ray actors; evaluate and store each point as it completes.
+    ``images``: per image-conditioned checkpoint, its rows' (labels, conditioning PNGs)."""
     ray = init_ray(cfg.ray_address, cfg.num_cpus)
     from ray.util import ActorPool
 
-    tasks, shares = make_tasks(missing, ids, infos, cfg)
+    tasks, shares = make_tasks(missing, ids, infos, cfg, images)
     free = ray.available_resources().get("CPU", 0.0)
     n_workers = cfg.num_workers or max(1, int(free // cfg.cpus_per_worker))
     n_workers = min(n_workers, len(tasks))
@@ -121,7 +141,7 @@ def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoin
             for pid in [pid for pid, left in remaining.items() if left == 0]:
                 p = by_id[pid]
                 finish_point(p, pid, keys[p], buffers.pop(pid), seconds[pid], infos[p.checkpoint], evaluator,
-                              real, cfg, out)
+                              real, cfg, out, images)
                 del remaining[pid]
                 bar.set_postfix_str(f"{len(by_id) - len(remaining)}/{len(by_id)} points", refresh=False)
     finally:
@@ -131,8 +151,9 @@ def sample_points(cfg: SweepConfig, missing: list[GridPoint], ids: dict[GridPoin
 
 
 def finish_point(p: GridPoint, pid: str, key: dict, images: np.ndarray, seconds: float, info: CheckpointInfo,
-                  evaluator: Evaluator, real: RealSplit, cfg: SweepConfig, out: SweepOutput) -> None:
-    labels, seeds = sample_rows(cfg.samples_per_w, info.num_classes, cfg.seed)
+                  evaluator: Evaluator, real: RealSplit, cfg: SweepConfig, out: SweepOutput,
+                  conditioning: dict | None = None) -> None:
+    labels, seeds, _ = point_rows(info, cfg, conditioning)
     prompts = None if p.prompt is None else [p.condition(int(c), info.label_names).prompt for c in labels]
     # Samples are scored as the uint8 images they are stored as, like the real data.
     emb = evaluator.embed(images)
