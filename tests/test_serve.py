@@ -802,7 +802,8 @@ def test_bulk_jobs_take_prompts_for_a_text_checkpoint(server, s3):
         assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
 
 
-def test_conditioning_images_over_http_sample_and_a_bad_image_corpus_is_422_naming_the_field(server):
+def test_conditioning_images_over_http_sample_and_a_bad_image_corpus_is_422_naming_the_field(server, s3):
+    """/generate and /bulk with conditioning images; the bad-image corpus; /bulk pairs images with cells."""
     import numpy as np
 
     from cfgd.data.images import PNG_MODES, encode_png
@@ -836,6 +837,27 @@ def test_conditioning_images_over_http_sample_and_a_bad_image_corpus_is_422_nami
         assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
     huge = _post(server, "/generate", {**body, "image": "A" * 100_000_000}, timeout=120)
     assert huge.status_code == 413
+
+    # /bulk: cells pair classes with conditioning images (one class may have several).
+    other = b64(np.random.default_rng(2).integers(0, 256, (2, 2, 1), dtype=np.uint8))
+    job = {"checkpoint": "sr", "destination": "images1", "classes": [3, 3], "images": [body["image"], other],
+           "counts": 1, "w": [1.0], "image_scale": 2.0, "seed": 2, "steps": 3}
+    r = _post(server, "/bulk", job)
+    assert r.status_code == 202, r.text
+    assert _wait_job(server, r.json()["job_id"])["state"] == "done"
+    dest = "s3://cfgd-test/bulk/images1"
+    opts = s3.storage_options()
+    rows = sorted(pq.read_table(storage.arrow_path(dest), filesystem=storage.arrow_fs(dest, opts)).to_pylist(),
+                  key=lambda x: x["index"])
+    assert [x["cond_image"] for x in rows] == [base64.b64decode(body["image"]), base64.b64decode(other)]
+    assert rows[0]["image"] == got[0] and rows[0]["label"] == 3  # /generate's first image: same class, image, seed
+    bulk_bad = [({**job, "images": [body["image"]]}, "images", "1 values for 2 classes"),
+                ({**job, "classes": None}, "classes", "paired with classes"),
+                ({**job, "images": [body["image"], "not base64!"]}, "images[1]", "not base64"),
+                ({**job, "checkpoint": "a", "image_scale": 1.0}, "images", "no image condition")]
+    for req, field, words in bulk_bad:
+        r = _post(server, "/bulk", req)
+        assert r.status_code == 422 and r.json()["field"] == field and words in r.json()["detail"], (req, r.text)
 
 
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -100,8 +101,8 @@ def job_id_for(destination: str) -> str:
 @dataclass
 class BulkPlan:
     """A bulk job, fully determined: row i has seed ``seed + i``, rows ordered by cell (a
-    class, or a prompt of a text checkpoint), then w, then sample; shard k holds rows
-    [k·shard_size, (k+1)·shard_size)."""
+    class, or a prompt of a text checkpoint; with its conditioning image for an image
+    checkpoint), then w, then sample; shard k holds rows [k·shard_size, (k+1)·shard_size)."""
 
     destination: str
     checkpoint: str
@@ -119,6 +120,7 @@ class BulkPlan:
     pad_rows: int
     prompts: list[str] | None = None  # a text checkpoint's cells, in place of classes (which index them)
     negative_prompt: str | None = None
+    images: list[str] | None = None  # an image checkpoint: each cell's conditioning image, base64 PNG
 
     @classmethod
     def from_dict(cls, d: dict) -> "BulkPlan":
@@ -147,17 +149,19 @@ class BulkPlan:
     def total_shards(self) -> int:
         return math.ceil(self.total_images / self.shard_size)
 
-    def condition(self, cell: int) -> int | Condition:
-        """A cell's condition: its class id, or its prompt (with the job's negative prompt)."""
+    def condition(self, cell: int) -> Condition:
+        """Cell ``cell``'s condition: its class, or its prompt (with the job's negative prompt),
+        and its conditioning image if the job has them."""
+        image = {"image": base64.b64decode(self.images[cell])} if self.images is not None else {}
         if self.prompts is None:
-            return cell
-        return Condition(prompt=self.prompts[cell], negative_prompt=self.negative_prompt)
+            return Condition(label=self.classes[cell], **image)
+        return Condition(prompt=self.prompts[cell], negative_prompt=self.negative_prompt, **image)
 
     def shard_rows(self, shard: int) -> list[tuple[int, int, int, int]]:
-        """(row index, cell, guidance index, seed) of one shard."""
+        """(row index, cell index, guidance index, seed) of one shard."""
         lo, hi = shard * self.shard_size, min(self.total_images, (shard + 1) * self.shard_size)
         rows, i = [], 0
-        for c, n in zip(self.classes, self.counts):
+        for c, n in enumerate(self.counts):
             for w in range(len(self.guidance)):
                 if i + n <= lo:  # skip whole cells before the shard
                     i += n
@@ -207,10 +211,11 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
         del _SHARD_SAMPLERS[key]
     gen = cached(plan.checkpoint_uri)
     rows = plan.shard_rows(shard)
-    idx, labels, ks, seeds = (list(v) for v in zip(*rows))
+    idx, cells, ks, seeds = (list(v) for v in zip(*rows))
+    labels = [plan.classes[c] for c in cells]
     solver, guidance = plan.sampling()
     guides = {name: cached(uri) for name, uri in plan.guide_uris.items()}
-    images = gen.sample([plan.condition(c) for c in labels], seeds,
+    images = gen.sample([plan.condition(c) for c in cells], seeds,
                         SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)), guides=guides,
                         batch_size=len(rows))
     ws = [guidance[k].w for k in ks]
@@ -220,14 +225,16 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
             transfers.write_bytes_atomic(f"{plan.destination}/{PNG_DIR}/{i:08d}.png", png, opts)
     w_arr = np.asarray(ws, dtype=np.float64)
     if plan.prompts is None:
-        cells = {"label": pa.array(labels, type=pa.int64()),
-                 "class_name": pa.array([plan.label_names[c] for c in labels], type=pa.string())}
+        columns = {"label": pa.array(labels, type=pa.int64()),
+                   "class_name": pa.array([plan.label_names[c] for c in labels], type=pa.string())}
     else:
-        cells = {"prompt": pa.array([plan.prompts[c] for c in labels], type=pa.string()),
-                 "negative_prompt": pa.array([plan.negative_prompt] * len(rows), type=pa.string())}
+        columns = {"prompt": pa.array([plan.prompts[c] for c in cells], type=pa.string()),
+                   "negative_prompt": pa.array([plan.negative_prompt] * len(rows), type=pa.string())}
+    if plan.images is not None:
+        columns["cond_image"] = pa.array([base64.b64decode(plan.images[c]) for c in cells], type=pa.binary())
     table = pa.table({
         "image": pa.array(pngs, type=pa.binary()),
-        **cells,
+        **columns,
         "w": pa.array(w_arr),
         "guidance_scale": pa.array(1.0 + w_arr),
         "seed": pa.array(seeds, type=pa.int64()),

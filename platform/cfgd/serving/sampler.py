@@ -15,7 +15,7 @@ from cfgd.sampling.checkpoint_sampler import CheckpointSampler
 from cfgd.serving.batching import SampleSpec, sample_specs
 from cfgd.serving.bulk import JOB_ID_RE, BulkPlan, existing_shards, pinned, read_job, resolve_destination
 from cfgd.serving.checkpoint_cache import ModelCache
-from cfgd.serving.request_conditions import check_prompt, request_condition
+from cfgd.serving.request_conditions import check_prompt, request_condition, request_image
 from cfgd.serving.schemas import MAX_SEED, BulkRequest, GenerateRequest, RequestError, parse, short_error
 from cfgd.serving.settings import ServeSettings
 
@@ -37,9 +37,30 @@ def _resolve_class(label: int | None, name: str | None, label_names: list[str], 
     return label
 
 
-def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings) -> tuple[list[int], list[str] | None]:
+def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings
+                ) -> tuple[list[int], list[str] | None, list[str] | None]:
     """A bulk job's cells: (class ids, None) for a label checkpoint, (prompt indices, prompts)
-    for a text one; RequestError (422) naming the field."""
+    for a text one, and each cell's conditioning image (base64 PNG) when the request pairs
+    them with the cells; RequestError (422) naming the field."""
+    classes, prompts = _bulk_y(req, gen, s, paired=req.images is not None)
+    if req.images is None:
+        return classes, prompts, None
+    if not gen.checkpoint.spec.has_image:
+        raise RequestError(422, "images", "this checkpoint has no image condition")
+    if len(req.images) != len(classes):
+        raise RequestError(422, "images", f"images has {len(req.images)} values for {len(classes)} "
+                                          f"{'prompts' if prompts else 'classes'} (one per cell, paired in order)")
+    for i, img in enumerate(req.images):
+        try:
+            request_image(img, gen, s)
+        except RequestError as err:
+            raise RequestError(422, f"images[{i}]", err.message.replace("image ", f"images[{i}] ", 1)) from None
+    return classes, prompts, list(req.images)
+
+
+def _bulk_y(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings, paired: bool
+            ) -> tuple[list[int], list[str] | None]:
+    """The cells' y: class ids (explicit ones when images are paired with them) or prompts."""
     kind, names = gen.checkpoint.spec.condition, gen.checkpoint.label_names
     given = [f for f in ("classes", "class_names", "prompts", "negative_prompt") if getattr(req, f) is not None]
     allowed = {"label": ("classes", "class_names"), "text": ("prompts", "negative_prompt")}.get(kind)
@@ -60,6 +81,9 @@ def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings) -> t
         return list(range(len(req.prompts))), list(req.prompts)
     if req.classes is not None and req.class_names is not None:
         raise RequestError(422, "classes", "give classes or class_names, not both")
+    if paired and req.classes is None and req.class_names is None:
+        raise RequestError(422, "classes", "images are paired with classes: give classes (or class_names), one per "
+                                           "image")
     if req.class_names is not None:
         bad = [n for n in req.class_names if n not in names]
         if bad:
@@ -72,7 +96,7 @@ def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings) -> t
             raise RequestError(422, "classes", f"classes {bad} are outside [0, {len(names)})")
     if not classes:
         raise RequestError(422, "classes", "classes is empty")
-    if len(set(classes)) != len(classes):
+    if len(set(classes)) != len(classes) and not paired:  # with images, one class may have several cells
         raise RequestError(422, "classes", f"classes {classes} has duplicates")
     return classes, None
 
@@ -273,7 +297,7 @@ class SamplerCore:
         destination = resolve_destination(req.destination, s.output_prefix)
         name, gen, s = self.generator(req.checkpoint)
         names = gen.checkpoint.label_names
-        classes, prompts = _bulk_cells(req, gen, s)
+        classes, prompts, images = _bulk_cells(req, gen, s)
         counts = [req.counts] * len(classes) if isinstance(req.counts, int) else list(req.counts)
         if len(counts) != len(classes):
             raise RequestError(422, "counts", f"counts has {len(counts)} values for {len(classes)} "
@@ -300,7 +324,7 @@ class SamplerCore:
                         seed=req.seed, solver=solver.model_dump(), guidance=[g.model_dump() for g in rows],
                         guide_uris={k: pinned(s.checkpoints[k]) for k in guides},
                         png_files=req.png_files, shard_size=s.shard_size, pad_rows=s.pad_rows, prompts=prompts,
-                        negative_prompt=req.negative_prompt if prompts else None)
+                        negative_prompt=req.negative_prompt if prompts else None, images=images)
         return {"plan": plan.to_dict(), "storage": asdict(s.storage_options()), "output_prefix": s.output_prefix,
                 "task": {"num_cpus": s.shard_num_cpus, "max_retries": s.shard_max_retries,
                          "threads": s.torch_threads, "max_running_jobs": s.max_running_jobs}}

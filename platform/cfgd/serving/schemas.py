@@ -139,6 +139,9 @@ class BulkRequest(PlanFields):
     prompts: Optional[list[Prompt]] = Field(None, max_length=MAX_LIST,
                                             description="a text checkpoint: the prompts (in place of classes)")
     negative_prompt: Optional[Prompt] = Field(None, description=Condition.model_fields["negative_prompt"].description)
+    images: Optional[list[Annotated[str, StringConstraints(max_length=4 * MAX_IMAGE_BYTES // 3 + 4)]]] = Field(
+        None, max_length=MAX_LIST, description="an image-conditioned checkpoint: one conditioning image per cell "
+                                               "(base64 PNG), paired with classes / class_names or prompts in order")
     counts: Union[Count, Annotated[list[Count], Field(max_length=MAX_LIST)]] = Field(
         1, description="per (class or prompt, w): one number or one per class or prompt")
     # Several strengths: one plan row each (each value is checked as the plan's w / guidance_scale).
