@@ -22,7 +22,8 @@ if __name__ == "__main__":
         try:
             image_condition = ({"transform": "low_res", "factor": d.low_res_factor} if d.image_condition == "low_res"
                                else {"transform": "masked", "keep": d.mask_keep} if d.image_condition == "masked"
-                               else None)
+                               else {"transform": "paired", "source": d.cond_source_path}
+                               if d.image_condition == "paired" else None)
             metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction,
                             d.overwrite, storage=cfg.storage, captions=d.captions,
                             caption_holdout=d.caption_holdout, image_condition=image_condition)

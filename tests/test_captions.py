@@ -273,3 +273,27 @@ def test_an_image_folder_brings_its_own_captions_in_csv_or_jsonl(tmp_path):
         prepare("folder", str(src), str(tmp_path / "bad"), test_fraction=0.34, captions="file", overwrite=True)
     with pytest.raises(ValueError, match="data.source=folder"):
         prepare("npz", str(src), str(tmp_path / "bad"), captions="file")
+
+
+def test_a_paired_folder_gives_each_image_its_conditioning_image(tmp_path):
+    from PIL import Image
+
+    src, cond = tmp_path / "src", tmp_path / "cond"
+    rels = _folder(src)
+    for r in rels:  # the paired image: 4x4, its value tied to the source's
+        (cond / r).parent.mkdir(parents=True, exist_ok=True)
+        value = int(np.asarray(Image.open(src / r))[0, 0])
+        Image.fromarray(np.full((4, 4), 255 - value, np.uint8), mode="L").save(cond / r)
+    spec = {"transform": "paired", "source": str(cond)}
+    metas = prepare("folder", str(src), str(tmp_path / "data"), test_fraction=0.34, image_condition=spec)
+    assert metas["train"].conditions["cond_image"] == {**spec, "height": 4, "width": 4, "channels": 1}
+    from cfgd.data.images import decode_png
+
+    for split in ("train", "test"):
+        for r in pq.read_table(metas[split].files[0]).to_pylist():
+            assert decode_png(r["cond_image"])[0, 0, 0] == 255 - decode_png(r["image"])[0, 0, 0]
+    (cond / rels[-1]).unlink()
+    with pytest.raises(ValueError, match=re.escape(f"no conditioning image '{rels[-1]}'")):
+        prepare("folder", str(src), str(tmp_path / "bad"), test_fraction=0.34, image_condition=spec)
+    with pytest.raises(ConfigError, match="data.cond_source_path"):
+        load_config(None, ["data.image_condition=paired"])

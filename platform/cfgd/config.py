@@ -46,10 +46,12 @@ class DataConfig:
     caption_holdout: list[str] = field(default_factory=list)
     # A conditioning image per row (a `cond_image` column, cfgd.data.image_condition), made from the
     # image itself: "" = none; low_res = downsampled low_res_factor× (super-resolution); masked = the
-    # mask_keep half kept, the rest blanked, plus the mask (completion).
+    # mask_keep half kept, the rest blanked, plus the mask (completion); paired = read from
+    # cond_source_path, a second image folder with a file at each image's relative path.
     image_condition: str = ""
     low_res_factor: int = 4
     mask_keep: str = "top"
+    cond_source_path: str = ""
 
 
 @dataclass
@@ -209,6 +211,8 @@ def validate(cfg: Config) -> Config:
         one_of("data.image_condition", d.image_condition, ("",) + IMAGE_TRANSFORMS),
         Rule("data.low_res_factor", d.low_res_factor, d.low_res_factor >= 2, ">= 2 (and dividing the image size)"),
         one_of("data.mask_keep", d.mask_keep, MASK_KEEP),
+        Rule("data.cond_source_path", d.cond_source_path, bool(d.cond_source_path) == (d.image_condition == "paired"),
+             "a folder with data.image_condition=paired, and '' otherwise"),
         Rule("diffusion.p_uncond", t.p_uncond, 0.0 <= t.p_uncond <= 1.0, "in [0, 1]"),
         Rule("diffusion.p_uncond_image", t.p_uncond_image, 0.0 <= t.p_uncond_image <= 1.0, "in [0, 1]"),
         Rule("diffusion.p_uncond_both", t.p_uncond_both, 0.0 <= t.p_uncond_both <= 1.0, "in [0, 1]"),

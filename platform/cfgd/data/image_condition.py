@@ -5,7 +5,10 @@ Made at prepare time from a *transform of the image itself* (SR3's and Palette's
 * ``low_res`` (factor k): the image box-downsampled k× (28×28 → 7×7 for k = 4):
   super-resolution;
 * ``masked`` (keep ``top``, ``bottom``, ``left`` or ``right``): the image with the other
-  half blanked to 0 and one more channel, the mask (255 where kept): completion.
+  half blanked to 0 and one more channel, the mask (255 where kept): completion;
+
+or read from a paired source: ``paired``, a second image folder holding a file at each
+image's relative path (cfgd.data.prepare.paired_images).
 
 Stored as PNG bytes of its own size and channels, declared in the shard metadata under
 ``conditions.cond_image``::
@@ -25,7 +28,7 @@ import numpy as np
 from cfgd.data.images import decode_png, uint8_to_unit
 
 COND_IMAGE = "cond_image"
-TRANSFORMS = ("low_res", "masked")
+TRANSFORMS = ("low_res", "masked", "paired")  # paired: read from a second image folder (cfgd.data.prepare)
 KEEP = ("top", "bottom", "left", "right")
 MAX_SIDE = 1024
 MAX_CHANNELS = 4  # PNG: L, LA, RGB, RGBA

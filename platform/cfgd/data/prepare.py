@@ -5,9 +5,13 @@ caption file) and conditioning images (cfgd.data.image_condition).
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
+
 from cfgd.data.image_condition import COND_IMAGE, make_cond_images
 from cfgd.data.shards import MAX_CAPTION_CHARS, DatasetMeta, read_split_meta, validate_labels, write_shards
-from cfgd.data.sources import SPLITS, load_image_folder, load_source
+from cfgd.data.sources import SPLITS, load_image_folder, load_images, load_source, probe_images
 from cfgd.io.access import check_access
 from cfgd.io.storage import StorageOptions, fsspec_fs
 
@@ -38,7 +42,8 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
     attributes (:func:`cfgd.data.captions.attribute_captions`), never the
     ``caption_holdout`` combinations. ``image_condition`` ({"transform": "low_res", "factor": 4}
     or {"transform": "masked", "keep": "top"}) adds a ``cond_image`` column made from each
-    image (cfgd.data.image_condition).
+    image (cfgd.data.image_condition); {"transform": "paired", "source": folder} reads each
+    image's conditioning image from a second folder at the same relative path.
 
     ``root`` is a local path or an ``s3://`` URI (reached with ``storage``, a
     StorageOptions). Splits that already exist and read back cleanly
@@ -55,9 +60,11 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
         except (ValueError, FileNotFoundError):
             pass  # missing or damaged (or captioned otherwise than asked): (re)write below
     paths: dict[str, list[str]] = {}
-    if captions == "file" and source != "folder":
-        raise ValueError(f"data.captions=file reads an image folder's caption file; data.source is {source!r} "
-                         "(use data.source=folder)")
+    paired = bool(image_condition) and image_condition.get("transform") == "paired"
+    for needs, what in ((captions == "file", "data.captions=file reads an image folder's caption file"),
+                        (paired, "data.image_condition=paired reads a second image folder named like the first")):
+        if needs and source != "folder":
+            raise ValueError(f"{what}; data.source is {source!r} (use data.source=folder)")
     if source == "folder":
         splits, names = load_image_folder(source_path or "", test_fraction=test_fraction, paths_out=paths)
     else:
@@ -75,10 +82,27 @@ def prepare(source: str, source_path: str | None, root: str, rows_per_shard: int
     metas = {}
     for split, (images, labels) in splits.items():
         cond, declared = None, dict(conditions or {})
-        if image_condition:
+        if paired:
+            cond, declared[COND_IMAGE] = paired_images(paths[split], source_path or "", image_condition["source"])
+        elif image_condition:
             cond, declared[COND_IMAGE] = make_cond_images(images, **image_condition)
         write_shards(root, split, images, labels, names, rows_per_shard=rows_per_shard, filesystem=fs,
                      captions=texts.get(split), conditions=declared, cond_images=cond)
         metas[split] = read_split_meta(root, split, fs)
         validate_labels(root, split, metas[split], fs)
     return metas
+
+
+def paired_images(paths: list[str], root: str, cond_root: str) -> tuple[np.ndarray, dict]:
+    """The conditioning images of a folder's images (``paths`` under ``root``): the files at the
+    same relative paths under ``cond_root``, one size and mode for all; ValueError naming a
+    missing one."""
+    cond_paths = []
+    for p in paths:
+        q = os.path.join(cond_root, os.path.relpath(p, root))
+        if not os.path.isfile(q):
+            raise ValueError(f"{cond_root}: no conditioning image {os.path.relpath(p, root)!r} for {p}")
+        cond_paths.append(q)
+    images = load_images(cond_paths, probe_images(cond_paths))
+    _, h, w, c = images.shape
+    return images, {"transform": "paired", "source": cond_root, "height": int(h), "width": int(w), "channels": int(c)}

@@ -232,7 +232,7 @@ def _scan_folder(root: str, class_names: list[str]) -> tuple[list[str], np.ndarr
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-def _probe_images(paths: list[str]) -> str:
+def probe_images(paths: list[str]) -> str:
     """Check all images share one size (header only, no decode); return target mode.
 
     Grayscale if every image is L (or 1-bit), else RGB, so a mixed folder is
@@ -257,7 +257,7 @@ def _probe_images(paths: list[str]) -> str:
     return "L" if gray else "RGB"
 
 
-def _load_images(paths: list[str], mode: str) -> np.ndarray:
+def load_images(paths: list[str], mode: str) -> np.ndarray:
     """Decode paths into uint8 (N, H, W, C), converting each to mode (L or RGB)."""
     arrays = []
     for path in paths:
@@ -319,13 +319,13 @@ def load_image_folder(
             "train": ([paths[i] for i in train_idx], labels[train_idx]),
             "test": ([paths[i] for i in test_idx], labels[test_idx]),
         }
-    mode = _probe_images([p for paths, _ in scanned.values() for p in paths])
+    mode = probe_images([p for paths, _ in scanned.values() for p in paths])
     splits: Splits = {}
     for split, (paths, labels) in scanned.items():
         if not paths:
             raise ValueError(f"{root}: split {split!r} has no images; add images "
                              f"or raise test_fraction")
-        splits[split] = (_load_images(paths, mode), labels)
+        splits[split] = (load_images(paths, mode), labels)
         if paths_out is not None:
             paths_out[split] = list(paths)
     return splits, class_names
