@@ -156,3 +156,34 @@ def test_a_tiny_image_model_samples_rows_with_and_without_images_and_names_a_bad
         gen.sample([rows[0], Condition(label=1, image=wrong)], [0, 1], SamplingPlan.uniform(2, solver=Solver(steps=2)))
     with pytest.raises(ValueError, match=r"image\[0\]: cannot decode"):
         gen.sample([Condition(label=1, image=b"not a png")], [0], SamplingPlan.uniform(1, solver=Solver(steps=2)))
+
+
+def test_an_http_image_may_be_a_uri_under_the_servers_image_prefix_and_nowhere_else(tmp_path):
+    import base64
+
+    from builders import tiny_image_checkpoint
+    from cfgd.sampling.checkpoint_sampler import CheckpointSampler
+    from cfgd.serving.request_conditions import request_image
+    from cfgd.serving.schemas import RequestError
+    from cfgd.serving.settings import ServeSettings
+
+    gen = CheckpointSampler.load(tiny_image_checkpoint(tmp_path / "ck"))
+    png = encode_png(np.full((2, 2, 1), 7, np.uint8), PNG_MODES)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    (tmp_path / "images" / "a" / "x.png").write_bytes(png)
+    (tmp_path / "secret.png").write_bytes(png)
+    (tmp_path / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    s = ServeSettings.from_dict({"checkpoints": {"a": "x"}, "default_checkpoint": "a",
+                                 "image_prefix": str(tmp_path / "images")})
+    assert request_image(str(tmp_path / "images" / "a" / "x.png"), gen, s) == png
+    assert request_image(base64.b64encode(png).decode(), gen, s) == png
+    for uri, words in [(str(tmp_path / "secret.png"), "sub-path of the image_prefix"),
+                       (str(tmp_path / "images" / "link.png"), "sub-path"),
+                       (str(tmp_path / "images" / ".." / "secret.png"), "'..'"),
+                       (str(tmp_path / "images" / "a" / "none.png"), "does not exist")]:
+        with pytest.raises(RequestError, match=words) as err:
+            request_image(uri, gen, s)
+        assert err.value.status == 422 and err.value.field == "image"
+    plain = ServeSettings.from_dict({"checkpoints": {"a": "x"}, "default_checkpoint": "a"})
+    with pytest.raises(RequestError, match="base64 PNG only"):
+        request_image(str(tmp_path / "images" / "a" / "x.png"), gen, plain)

@@ -64,10 +64,13 @@ def request_image(value: str | None, gen: CheckpointSampler, s: ServeSettings) -
     spec = gen.checkpoint.spec
     if not spec.has_image:
         raise RequestError(422, "image", "this checkpoint has no image condition")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(422, "image", "image is not base64") from None
+    if _is_uri(value):
+        raw = _read_image_uri(value, s)
+    else:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "image", "image is not base64 (nor a URI under the server's image_prefix)") from None
     if len(raw) > s.max_image_bytes:
         raise RequestError(422, "image", f"image has {len(raw)} bytes; the limit is {s.max_image_bytes}")
     try:
@@ -78,6 +81,31 @@ def request_image(value: str | None, gen: CheckpointSampler, s: ServeSettings) -
     if arr.shape != want:
         raise RequestError(422, "image", f"image decodes to (h, w, c) = {arr.shape}; this checkpoint takes {want}")
     return raw
+
+
+def _is_uri(value: str) -> bool:
+    return value.startswith(("s3://", "file://", "/"))
+
+
+def _read_image_uri(uri: str, s: ServeSettings) -> bytes:
+    """The bytes of an image named by URI, which must lie under ``image_prefix`` (the same
+    rule as bulk destinations: no '..', no symlink out); 422 naming ``image`` otherwise."""
+    from cfgd.io.retry import StorageError
+    from cfgd.io.transfers import read_bytes
+    from cfgd.serving.bulk import resolve_destination
+
+    if not s.image_prefix:
+        raise RequestError(422, "image", "this server takes images as base64 PNG only (no image_prefix set)")
+    try:
+        path = resolve_destination(uri, s.image_prefix)
+    except RequestError as err:
+        raise RequestError(422, "image", err.message.replace("destination", "image").replace("output prefix", "image_prefix")) from None
+    try:
+        return read_bytes(path, s.storage_options())
+    except (FileNotFoundError, IsADirectoryError):
+        raise RequestError(422, "image", f"image {uri!r} does not exist") from None
+    except (OSError, StorageError) as err:
+        raise RequestError(503, "image", f"image {uri!r} cannot be read now: {type(err).__name__}") from None
 
 
 def _condition_y(req, gen: CheckpointSampler, s: ServeSettings, resolve_class) -> RequestCondition:

@@ -39,6 +39,8 @@ class ServeSettings(BaseModel):
     max_prompt_chars: int = 300  # prompt / negative_prompt length (tokens are capped by the checkpoint)
     max_embedding_values: int = 4096  # an embedding's values (also fixed by the checkpoint's tokens × dim)
     max_image_bytes: int = 32_768  # a conditioning image's PNG (size and channels: the checkpoint's); bodies are capped at 64 KiB
+    # Conditioning images may also be given as a URI (s3://… or a path) under this prefix; "" = base64 only.
+    image_prefix: str = ""
     default_steps: int = 50
     max_batch_size: int = 8  # requests merged by @serve.batch (<= max_ongoing_requests)
     batch_wait_timeout_s: float = 0.05
@@ -103,8 +105,9 @@ class ServeSettings(BaseModel):
             Rule("max_bulk_images", self.max_bulk_images, self.max_bulk_images >= 1, ">= 1"),
             Rule("max_running_jobs", self.max_running_jobs, self.max_running_jobs >= 1, ">= 1"),
         ], ValueError, prefix="setting ")
-        if self.output_prefix:
-            storage.is_remote(self.output_prefix)
+        for prefix in (self.output_prefix, self.image_prefix):
+            if prefix:
+                storage.is_remote(prefix)
         self.storage_options()  # unknown storage keys fail here
         return self
 
