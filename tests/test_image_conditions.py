@@ -91,6 +91,12 @@ def test_sequential_and_independent_rows_match_their_formulas_mixed_with_plain_r
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Row 0 (s_I = 1) is plain CFG between ε(I,y) and ε(I,∅).
     torch.testing.assert_close(got[0], (e10 + 3 * (e11 - e10))[0], rtol=1e-5, atol=1e-5)
+    # s = 0 (w = −1) drops y's term: CFG on the image alone, y at ∅, at two network rows.
+    drop_y = SamplingPlan(solver=Solver(steps=10), rows=(Guidance(w=-1.0, image_scale=2.5, clip=False),))
+    c1, u1, n1 = _conds(yv[:1], iv[:1])
+    one = GuidedDenoiser(analytic_eps, schedule, c1, drop_y, u1, no_image=n1)
+    torch.testing.assert_close(one(x[:1], t).eps, (e00 + 2.5 * (e10 - e00))[:1], rtol=1e-5, atol=1e-5)
+    assert one.rows_evaluated == 2
     # Rows pay for the subsets with a weight: row 0 needs no ε(∅,∅), row 4 (s_I = s) no ε(I,∅).
     assert den.rows_evaluated == 2 + 3 + 3 + 3 + 2
     assert plan_cost(plan, T, [t]) == [2, 3, 3, 3, 2]
