@@ -204,17 +204,19 @@ class GuidedDenoiser:
             self._masks[t] = (w_t.to(device), guided, idx(c), idx(u), per_guide, (idx(i01), idx(i00)), coef)
         return self._masks[t]
 
-    def _no_image(self, x: torch.Tensor, tt: torch.Tensor, main: EpsFn, subsets: tuple) -> tuple | None:
-        """ε(∅,y) and ε(∅,∅) of the rows that need them (zeros elsewhere), in one forward; None if none do."""
-        n = [len(i) for i in subsets]
-        if not sum(n):
-            return None
+    def _with_subsets(self, x: torch.Tensor, tt: torch.Tensor, main: EpsFn, cond, uncond, subsets) -> tuple:
+        """ε_c, ε_u (None if no row needs it) and (ε(∅,y), ε(∅,∅)) of a step where some row guides
+        two conditions: every subset any row needs, in one forward pass (zeros in other rows)."""
         if self.no_image is None:
             raise ValueError("guidance over two conditions needs the rows' conditions without their image")
         take = cond_ops.take
-        out = main(torch.cat([x[i] for i in subsets]), torch.cat([tt[i] for i in subsets]),
-                   cond_ops.cat([take(c, i) for c, i in zip(self.no_image, subsets)]))
-        return tuple(torch.zeros_like(x).index_copy_(0, i, part) for i, part in zip(subsets, out.split(n)))
+        parts = [(i, c) for i, c in ((cond, self.cond), (uncond, self.uncond), (subsets[0], self.no_image[0]),
+                                     (subsets[1], self.no_image[1])) if len(i)]
+        out = main(torch.cat([x[i] for i, _ in parts]), torch.cat([tt[i] for i, _ in parts]),
+                   cond_ops.cat([take(c, i) for i, c in parts])).split([len(i) for i, _ in parts])
+        full = {id(i): torch.zeros_like(x).index_copy_(0, i, o) for (i, _), o in zip(parts, out)}
+        eps = [full.get(id(i), torch.zeros_like(x)) for i in (cond, uncond, *subsets)]
+        return eps[0], eps[1] if len(uncond) else None, (eps[2], eps[3])
 
     def _eps(self, x: torch.Tensor, t: int, main: EpsFn, guide_fns: list[EpsFn]) -> tuple:
         """(ε_c, ε_u, ε_guide, w_t, guided): None for an evaluation no row needed; zeros
@@ -226,14 +228,17 @@ class GuidedDenoiser:
         y, take = self.cond, cond_ops.take
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         self.rows_evaluated += n_c + n_u + sum(len(i) for i in per_guide) + sum(len(i) for i in subsets)
-        two = self._no_image(x, tt, main, subsets)
-        self._two = None if coef is None else (two, coef)
+        self._two = None if coef is None else (None, coef)
         eps_g = None
         if any(len(rows) for rows in per_guide):
             eps_g = torch.zeros_like(x)
             for fn, rows in zip(guide_fns, per_guide):
                 if len(rows):
                     eps_g.index_copy_(0, rows, fn(x[rows], tt[rows], take(y, rows)))
+        if sum(len(i) for i in subsets):
+            eps_c, eps_u, two = self._with_subsets(x, tt, main, cond, uncond, subsets)
+            self._two = (two, coef)
+            return eps_c, eps_u, eps_g, w_t, guided
         if n_u == 0:
             if n_c == B:
                 return main(x, tt, y), None, eps_g, w_t, guided
