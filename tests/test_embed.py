@@ -95,7 +95,7 @@ def test_embed_job_writes_every_row_resumes_after_a_kill_and_trains(ray_local, t
         no_column.stderr
     past_end = sample(f"sample.data_root={out}", "sample.data_rows=[100]")
     assert past_end.returncode != 0 and "rows [100]" in past_end.stderr
-    wrong_kind = sample("sample.prompts=[a 3]")
+    wrong_kind = sample(f"sample.data_root={out}", "sample.prompts=[a 3]")
     assert wrong_kind.returncode != 0 and "sample.prompts" in wrong_kind.stderr
 
 
