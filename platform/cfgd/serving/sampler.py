@@ -3,6 +3,7 @@ batches, counters. Plain Python: the Serve deployment in serve/app.py only binds
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from dataclasses import asdict
@@ -50,12 +51,14 @@ def _bulk_cells(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings
     if len(req.images) != len(classes):
         raise RequestError(422, "images", f"images has {len(req.images)} values for {len(classes)} "
                                           f"{'prompts' if prompts else 'classes'} (one per cell, paired in order)")
+    images = []
     for i, img in enumerate(req.images):
-        try:
-            request_image(img, gen, s)
+        try:  # a URI under image_prefix is read here: the plan holds the bytes it was validated with
+            images.append(base64.b64encode(request_image(img, gen, s)).decode())
         except RequestError as err:
-            raise RequestError(422, f"images[{i}]", err.message.replace("image ", f"images[{i}] ", 1)) from None
-    return classes, prompts, list(req.images)
+            raise RequestError(err.status, f"images[{i}]",
+                               err.message.replace("image ", f"images[{i}] ", 1)) from None
+    return classes, prompts, images
 
 
 def _bulk_y(req: BulkRequest, gen: CheckpointSampler, s: ServeSettings, paired: bool
