@@ -12,7 +12,7 @@ adds captions, data.image_condition=low_res|masked a conditioning image made fro
 import time
 
 from cfgd.cli import fail, job
-from cfgd.data.prepare import prepare
+from cfgd.data.prepare import image_condition_of, prepare
 from cfgd.data.shards import read_captions
 
 if __name__ == "__main__":
@@ -20,13 +20,9 @@ if __name__ == "__main__":
         d = cfg.data
         t0 = time.perf_counter()
         try:
-            image_condition = ({"transform": "low_res", "factor": d.low_res_factor} if d.image_condition == "low_res"
-                               else {"transform": "masked", "keep": d.mask_keep} if d.image_condition == "masked"
-                               else {"transform": "paired", "source": d.cond_source_path}
-                               if d.image_condition == "paired" else None)
             metas = prepare(d.source, d.source_path or None, d.root, d.rows_per_shard, d.test_fraction,
                             d.overwrite, storage=cfg.storage, captions=d.captions,
-                            caption_holdout=d.caption_holdout, image_condition=image_condition)
+                            caption_holdout=d.caption_holdout, image_condition=image_condition_of(d))
         except (ValueError, FileNotFoundError) as err:
             fail(err)
         for split, m in metas.items():

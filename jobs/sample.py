@@ -56,9 +56,8 @@ def sample_grid(sc: SampleConfig, solver: Solver, columns: list[Guidance], devic
     plan = SamplingPlan(solver=solver, rows=tuple(rows))
     ws = [g.w for g in columns]
     rule = columns[0].rule
-    what = {"label": f"classes {[k for k, _ in grid_rows]}", "text": f"{len(grid_rows)} prompt(s)",
-            "embedding": f"{len(grid_rows)} row(s) of {sc.data_root}/{sc.data_split}"}[
-        "embedding" if sc.data_root else gen.checkpoint.spec.condition]
+    what = (f"{len(grid_rows)} row(s) of {sc.data_root}/{sc.data_split}" if sc.data_root
+            else f"{len(grid_rows)} prompt(s)" if sc.prompts else f"classes {[k for k, _ in grid_rows]}")
     print(f"[cfgd.sample] checkpoint {gen.checkpoint.path} (step {gen.checkpoint.step}); "
           f"{len(labels)} samples: {what} × w {ws} × {sc.per_cell}, rule {rule}, "
           f"{solver.steps} {solver.name} steps, eta {solver.eta}"

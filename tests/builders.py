@@ -130,3 +130,25 @@ def tiny_image_checkpoint(directory, seed: int = 0) -> Path:
     return write_checkpoint(Path(directory), model_state=model.state_dict(), ema_state=model.state_dict(),
                             optimizer_state=None, spec=model.spec, label_names=DIGIT_NAMES, step=seed, epoch=0,
                             config=config)
+
+
+def run_job(script: str, *args, ok: bool = True, config: str = "jobs/configs/tiny.yaml"):
+    """``jobs/<script> --config <config> args…`` in a subprocess from the repository root, as a
+    user runs it; with ``ok``, asserts exit status 0 (showing the output's tail otherwise)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / script), "--config", str(root / config),
+                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=root)
+    if ok:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def digits_npz(path) -> Path:
+    """The digits as an npz source (1200 train, 200 test rows, (N, 8, 8) uint8) at ``path``."""
+    images, labels = digits_uint8()
+    np.savez(path, x_train=images[:1200, ..., 0], y_train=labels[:1200], x_test=images[1200:1400, ..., 0],
+             y_test=labels[1200:1400])
+    return Path(path)

@@ -16,6 +16,13 @@ from cfgd.io.access import check_access
 from cfgd.io.storage import StorageOptions, fsspec_fs
 
 
+def image_condition_of(d) -> dict | None:
+    """The ``image_condition`` argument of :func:`prepare` from a DataConfig's keys (None: none)."""
+    return {"low_res": {"transform": "low_res", "factor": d.low_res_factor},
+            "masked": {"transform": "masked", "keep": d.mask_keep},
+            "paired": {"transform": "paired", "source": d.cond_source_path}}.get(d.image_condition)
+
+
 def _same_image_condition(meta: DatasetMeta, image_condition: dict | None) -> bool:
     """Whether existing shards carry the conditioning images asked for (the same transform)."""
     have = meta.conditions.get(COND_IMAGE)

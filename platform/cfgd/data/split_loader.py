@@ -125,11 +125,11 @@ def read_rows(root: str, split: str, rows: list[int], storage_options: StorageOp
     start = 0
     for path in meta.files:
         with fs.open(path, "rb") as f:
-            n = pq.ParquetFile(f).metadata.num_rows
-        local = [r - start for r in rows if start <= r < start + n]
+            pf = pq.ParquetFile(f)
+            n = pf.metadata.num_rows
+            local = [r - start for r in rows if start <= r < start + n]
+            table = pf.read(columns=columns).take(local) if local else None
         if local:
-            with fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read(columns=columns).take(local)
             batch = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in columns}
             out = decode_batch(batch, meta.height, meta.width, meta.channels,
                                embedding_shape=tuple(shape) if shape else None, cond_image_shape=cond_shape)

@@ -215,7 +215,8 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
     labels = [plan.classes[c] for c in cells]
     solver, guidance = plan.sampling()
     guides = {name: cached(uri) for name, uri in plan.guide_uris.items()}
-    images = gen.sample([plan.condition(c) for c in cells], seeds,
+    conditions = {c: plan.condition(c) for c in set(cells)}  # each cell's image decoded once
+    images = gen.sample([conditions[c] for c in cells], seeds,
                         SamplingPlan(solver=solver, rows=tuple(guidance[k] for k in ks)), guides=guides,
                         batch_size=len(rows))
     ws = [guidance[k].w for k in ks]
@@ -231,7 +232,7 @@ def run_shard(plan_dict: dict, shard: int, opts: StorageOptions | None, threads:
         columns = {"prompt": pa.array([plan.prompts[c] for c in cells], type=pa.string()),
                    "negative_prompt": pa.array([plan.negative_prompt] * len(rows), type=pa.string())}
     if plan.images is not None:
-        columns["cond_image"] = pa.array([base64.b64decode(plan.images[c]) for c in cells], type=pa.binary())
+        columns["cond_image"] = pa.array([conditions[c].image for c in cells], type=pa.binary())
     table = pa.table({
         "image": pa.array(pngs, type=pa.binary()),
         **columns,
